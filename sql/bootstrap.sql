@@ -1,0 +1,211 @@
+-- makima_keys install, part 1: the api_keys table.
+--
+-- The table is the makima migration's (shared/seed) column for column and
+-- index for index. When that migration already ran, its table is adopted
+-- with its rows instead of being created.
+--
+-- The extension's schema is looked up by oid and only ever quoted with %I:
+-- @extschema@ is never pasted into a string (CVE-2023-39417), and nothing
+-- here trusts an object it did not create without checking owner and shape
+-- (CVE-2022-2625).
+
+DO $bootstrap$
+DECLARE
+    saved_search_path text := pg_catalog.current_setting('search_path');
+    ext_namespace oid;
+    ext_schema text;
+    schema_owner oid;
+    api_keys_oid oid;
+    users_oid oid;
+    previous_owner oid;
+    -- The seed's columns, in order: name, type, NOT NULL.
+    expected_columns text[] := ARRAY[
+        'id uuid t', 'user_id uuid t', 'key_hash character varying(64) t',
+        'key_prefix character varying(16) t', 'name character varying(255) f',
+        'last_used_at timestamp with time zone f', 'created_at timestamp with time zone t',
+        'revoked_at timestamp with time zone f'];
+    actual_columns text[];
+    -- The seed's indexes, then ours: name and definition after "ON schema.api_keys".
+    wanted_indexes text[] := ARRAY[
+        'idx_api_keys_key_hash', 'USING btree (key_hash) WHERE (revoked_at IS NULL)',
+        'idx_api_keys_user_id', 'USING btree (user_id)',
+        'idx_api_keys_key_prefix', 'USING btree (key_prefix)',
+        'idx_api_keys_one_active_per_user', 'USING btree (user_id) WHERE (revoked_at IS NULL)',
+        -- Ours: one row per hash, and lookups of revoked keys for mk_verify_detail.
+        'idx_api_keys_key_hash_unique', 'USING btree (key_hash)'];
+    unique_indexes text[] := ARRAY['idx_api_keys_one_active_per_user', 'idx_api_keys_key_hash_unique'];
+    index_name text;
+    index_tail text;
+    found_definition text;
+BEGIN
+    -- Built-in operators and functions only, whatever the installer's path.
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+
+    IF pg_catalog.getdatabaseencoding() <> 'UTF8' THEN
+        RAISE EXCEPTION 'makima_keys needs a UTF8 database; this one is %', pg_catalog.getdatabaseencoding()
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Keys are hashed as UTF-8 text. Create the database with ENCODING ''UTF8''.';
+    END IF;
+
+    SELECT e.extnamespace, n.nspname, n.nspowner
+      INTO ext_namespace, ext_schema, schema_owner
+      FROM pg_catalog.pg_extension e
+      JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+     WHERE e.extname = 'makima_keys';
+
+    SELECT c.oid, c.relowner INTO api_keys_oid, previous_owner
+      FROM pg_catalog.pg_class c
+     WHERE c.relnamespace = ext_namespace AND c.relname = 'api_keys';
+
+    IF api_keys_oid IS NULL THEN
+        EXECUTE pg_catalog.format($ddl$
+            CREATE TABLE %1$I.api_keys (
+                id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+                user_id UUID NOT NULL,
+                -- SHA-256 hash of the key (never store plain key)
+                key_hash VARCHAR(64) NOT NULL,
+                -- First 8 chars of key for display/identification (e.g., "mk_abc123")
+                key_prefix VARCHAR(16) NOT NULL,
+                -- User-provided label for the key
+                name VARCHAR(255),
+                -- Tracking
+                last_used_at TIMESTAMPTZ,
+                created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+                -- Null if active, timestamp if revoked
+                revoked_at TIMESTAMPTZ
+            )$ddl$, ext_schema);
+        api_keys_oid := pg_catalog.format('%I.api_keys', ext_schema)::pg_catalog.regclass;
+
+        EXECUTE pg_catalog.format($ddl$
+            COMMENT ON TABLE %1$I.api_keys IS 'API keys for programmatic access. Max one active key per user.';
+            COMMENT ON COLUMN %1$I.api_keys.key_hash IS 'SHA-256 hash of the full API key';
+            COMMENT ON COLUMN %1$I.api_keys.key_prefix IS 'First 8 chars of key for identification (e.g., "mk_abc123")';
+            COMMENT ON COLUMN %1$I.api_keys.revoked_at IS 'NULL if active, timestamp when revoked'
+            $ddl$, ext_schema);
+    ELSE
+        -- Adoption: the makima migration ran before CREATE EXTENSION.
+        IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = api_keys_oid) <> 'r' THEN
+            RAISE EXCEPTION '%.api_keys exists but is not a plain table', pg_catalog.quote_ident(ext_schema)
+                USING ERRCODE = 'wrong_object_type',
+                      HINT = 'makima_keys creates api_keys itself, or adopts the table of the makima migration.';
+        END IF;
+
+        -- Only a role that already controls the schema may hand us a table:
+        -- another role could have planted it, with triggers that would run
+        -- with our privileges.
+        IF NOT (previous_owner = schema_owner
+                OR previous_owner = (SELECT d.datdba FROM pg_catalog.pg_database d
+                                      WHERE d.datname = pg_catalog.current_database())
+                OR previous_owner = (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = current_user)
+                OR (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = previous_owner)) THEN
+            RAISE EXCEPTION 'refusing to adopt %.api_keys: it is owned by role %, which owns neither the schema nor the database',
+                    pg_catalog.quote_ident(ext_schema), previous_owner::pg_catalog.regrole
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'Drop or rename that table, or have the schema owner create it, then run CREATE EXTENSION again.';
+        END IF;
+
+        SELECT pg_catalog.array_agg(a.attname || ' ' || pg_catalog.format_type(a.atttypid, a.atttypmod)
+                                    || ' ' || CASE WHEN a.attnotnull THEN 't' ELSE 'f' END
+                                    ORDER BY a.attnum)
+          INTO actual_columns
+          FROM pg_catalog.pg_attribute a
+         WHERE a.attrelid = api_keys_oid AND a.attnum > 0 AND NOT a.attisdropped
+           AND a.attname = ANY (ARRAY['id', 'user_id', 'key_hash', 'key_prefix', 'name',
+                                      'last_used_at', 'created_at', 'revoked_at']);
+        IF actual_columns IS DISTINCT FROM expected_columns
+           OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                       WHERE a.attrelid = api_keys_oid AND a.attnum > 0 AND NOT a.attisdropped
+                         AND a.attnotnull AND NOT a.atthasdef
+                         AND a.attname <> ALL (ARRAY['user_id', 'key_hash', 'key_prefix']))
+           OR (SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid)
+                 FROM pg_catalog.pg_attrdef d JOIN pg_catalog.pg_attribute a
+                   ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+                WHERE d.adrelid = api_keys_oid AND a.attname = 'id') IS DISTINCT FROM 'gen_random_uuid()'
+           OR (SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid)
+                 FROM pg_catalog.pg_attrdef d JOIN pg_catalog.pg_attribute a
+                   ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+                WHERE d.adrelid = api_keys_oid AND a.attname = 'created_at') IS DISTINCT FROM 'now()'
+           OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index i
+                           WHERE i.indrelid = api_keys_oid AND i.indisprimary
+                             AND i.indkey::text = (SELECT a.attnum::text FROM pg_catalog.pg_attribute a
+                                                    WHERE a.attrelid = api_keys_oid AND a.attname = 'id'))
+        THEN
+            RAISE EXCEPTION '%.api_keys does not have the shape of the makima migration', pg_catalog.quote_ident(ext_schema)
+                USING ERRCODE = 'invalid_table_definition',
+                      DETAIL = pg_catalog.format('Columns found: %s', actual_columns),
+                      HINT = 'Compare the table with 20250110000003_create_api_keys_table.sql.';
+        END IF;
+
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = api_keys_oid AND NOT t.tgisinternal)
+           OR EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite r WHERE r.ev_class = api_keys_oid)
+           OR EXISTS (SELECT 1 FROM pg_catalog.pg_inherits h
+                       WHERE h.inhrelid = api_keys_oid OR h.inhparent = api_keys_oid)
+           OR (SELECT c.relrowsecurity FROM pg_catalog.pg_class c WHERE c.oid = api_keys_oid)
+        THEN
+            RAISE EXCEPTION 'refusing to adopt %.api_keys: it has triggers, rules, inheritance or row security',
+                    pg_catalog.quote_ident(ext_schema)
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'Code attached to the table would run with the extension''s privileges. Remove it first.';
+        END IF;
+
+        EXECUTE pg_catalog.format('ALTER EXTENSION makima_keys ADD TABLE %I.api_keys', ext_schema);
+        -- Whoever owns the table can attach triggers to it, and our functions
+        -- write to it as a superuser: the owner must be the extension's.
+        EXECUTE pg_catalog.format('ALTER TABLE %I.api_keys OWNER TO %I', ext_schema, current_user);
+        IF previous_owner <> (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = current_user) THEN
+            EXECUTE pg_catalog.format('GRANT SELECT, INSERT, UPDATE, DELETE ON %I.api_keys TO %I',
+                                      ext_schema, (SELECT r.rolname FROM pg_catalog.pg_roles r WHERE r.oid = previous_owner));
+        END IF;
+        RAISE NOTICE 'makima_keys adopted the existing table %.api_keys with its % rows; owner % keeps SELECT, INSERT, UPDATE, DELETE',
+            pg_catalog.quote_ident(ext_schema),
+            (SELECT c.reltuples::bigint FROM pg_catalog.pg_class c WHERE c.oid = api_keys_oid),
+            previous_owner::pg_catalog.regrole;
+    END IF;
+
+    -- Indexes: create what is missing, insist that what exists means what we rely on.
+    FOR i IN 1 .. pg_catalog.array_length(wanted_indexes, 1) BY 2 LOOP
+        index_name := wanted_indexes[i];
+        index_tail := wanted_indexes[i + 1];
+        SELECT pg_catalog.pg_get_indexdef(x.indexrelid) INTO found_definition
+          FROM pg_catalog.pg_index x JOIN pg_catalog.pg_class c ON c.oid = x.indexrelid
+         WHERE x.indrelid = api_keys_oid AND c.relname = index_name;
+        IF found_definition IS NULL THEN
+            EXECUTE pg_catalog.format('CREATE %sINDEX %I ON %I.api_keys %s',
+                CASE WHEN index_name = ANY (unique_indexes) THEN 'UNIQUE ' ELSE '' END,
+                index_name, ext_schema, index_tail);
+        ELSIF found_definition <> pg_catalog.format('CREATE %sINDEX %I ON %I.api_keys %s',
+                CASE WHEN index_name = ANY (unique_indexes) THEN 'UNIQUE ' ELSE '' END,
+                index_name, ext_schema, index_tail) THEN
+            RAISE EXCEPTION 'index % on %.api_keys is not the one makima_keys expects', index_name,
+                    pg_catalog.quote_ident(ext_schema)
+                USING ERRCODE = 'invalid_table_definition',
+                      DETAIL = pg_catalog.format('Found: %s', found_definition);
+        END IF;
+    END LOOP;
+
+    -- user_id references users(id) when the application has a users table.
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint k
+                    WHERE k.conrelid = api_keys_oid AND k.contype = 'f') THEN
+        SELECT c.oid INTO users_oid
+          FROM pg_catalog.pg_class c
+          JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid
+         WHERE c.relnamespace = ext_namespace AND c.relname = 'users' AND c.relkind IN ('r', 'p')
+           AND a.attname = 'id' AND a.atttypid = 'pg_catalog.uuid'::pg_catalog.regtype AND NOT a.attisdropped;
+        IF users_oid IS NULL THEN
+            RAISE NOTICE 'makima_keys: there is no table %.users with a uuid id column, so api_keys.user_id has no foreign key',
+                pg_catalog.quote_ident(ext_schema)
+                USING HINT = 'Keys of deleted users are then not removed automatically; see the README, section "Schema".';
+        ELSE
+            EXECUTE pg_catalog.format(
+                'ALTER TABLE %1$I.api_keys ADD CONSTRAINT api_keys_user_id_fkey
+                     FOREIGN KEY (user_id) REFERENCES %1$I.users(id) ON DELETE CASCADE', ext_schema);
+        END IF;
+    END IF;
+
+    EXECUTE pg_catalog.format('REVOKE ALL ON TABLE %I.api_keys FROM PUBLIC', ext_schema);
+    -- pg_dump then dumps the rows, and CREATE EXTENSION recreates the table.
+    PERFORM pg_catalog.pg_extension_config_dump(api_keys_oid::pg_catalog.regclass, '');
+
+    PERFORM pg_catalog.set_config('search_path', saved_search_path, true);
+END
+$bootstrap$;

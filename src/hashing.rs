@@ -1,0 +1,37 @@
+//! The stored form of a key: lower-case hex SHA-256 of its UTF-8 bytes, the
+//! same as `encode(sha256(convert_to(key, 'UTF8')), 'hex')` in SQL.
+
+use sha2::{Digest, Sha256};
+
+pub const HASH_HEX_LEN: usize = 64;
+
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_vectors() {
+        // hashlib.sha256(b"...").hexdigest()
+        assert_eq!(
+            hash_key(""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(
+            hash_key("mk_abc"),
+            "a32e980105d0bf6651f896287e5b52d3e40dc1fc0983324ebc32b21d76cfe195"
+        );
+    }
+
+    #[test]
+    fn hex_is_lower_case_and_fits_the_column() {
+        let h = hash_key("MK_ANYTHING");
+        assert_eq!(h.len(), HASH_HEX_LEN);
+        assert!(h
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    }
+}

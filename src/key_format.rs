@@ -1,0 +1,289 @@
+//! The makima key format, with no Postgres in it.
+//!
+//! A key is `mk_` + 43 base-62 characters (256 bits from the RNG it is given)
+//! + a 6-character checksum: CRC-32 (zlib/IEEE) of the 43 body characters,
+//!   written in base 62 and left-padded with `0`. 52 characters in all.
+
+use rand::RngCore;
+
+/// The base-62 alphabet, in the order the checksum encoding uses.
+pub const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+pub const KEY_PREFIX: &str = "mk_";
+pub const BODY_LEN: usize = 43;
+pub const CHECKSUM_LEN: usize = 6;
+pub const KEY_LEN: usize = KEY_PREFIX.len() + BODY_LEN + CHECKSUM_LEN;
+/// What `key_prefix` stores: `mk_` and the first six body characters.
+pub const DISPLAY_PREFIX_LEN: usize = KEY_PREFIX.len() + 6;
+/// Anything longer is rejected before it is hashed, whatever its format.
+pub const MAX_KEY_BYTES: usize = 1024;
+
+/// 248 = 4 * 62: bytes at or above it are thrown away so that every
+/// character is equally likely (no modulo bias).
+const REJECTION_LIMIT: u8 = 248;
+
+/// How a candidate key string looks before any table is consulted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyShape {
+    /// Our format with a valid checksum.
+    WellFormed,
+    /// Not ours, but it may be a key adopted from elsewhere: look up its hash.
+    Foreign,
+    /// Empty, longer than [`MAX_KEY_BYTES`], or our prefix and length with a
+    /// body or checksum that does not check out.
+    Malformed,
+}
+
+/// Draws a new key from `rng`. The only failure is the RNG's own.
+pub fn generate<R: RngCore + ?Sized>(rng: &mut R) -> Result<String, rand::Error> {
+    let mut body = [0u8; BODY_LEN];
+    let mut filled = 0;
+    let mut pool = [0u8; 64];
+    while filled < BODY_LEN {
+        rng.try_fill_bytes(&mut pool)?;
+        for &byte in pool.iter().filter(|&&b| b < REJECTION_LIMIT) {
+            if filled == BODY_LEN {
+                break;
+            }
+            body[filled] = ALPHABET[usize::from(byte % 62)];
+            filled += 1;
+        }
+    }
+    let mut key = String::with_capacity(KEY_LEN);
+    key.push_str(KEY_PREFIX);
+    // Both parts are ASCII from ALPHABET.
+    key.push_str(std::str::from_utf8(&body).expect("alphabet is ASCII"));
+    key.push_str(std::str::from_utf8(&checksum(&body)).expect("alphabet is ASCII"));
+    Ok(key)
+}
+
+/// CRC-32 of `body` in base 62, left-padded with `0` to six characters.
+pub fn checksum(body: &[u8]) -> [u8; CHECKSUM_LEN] {
+    let mut value = crc32fast::hash(body);
+    let mut out = [b'0'; CHECKSUM_LEN];
+    for slot in out.iter_mut().rev() {
+        *slot = ALPHABET[(value % 62) as usize];
+        value /= 62;
+    }
+    out
+}
+
+/// Classifies `candidate` in time bounded by [`MAX_KEY_BYTES`], never by its length.
+pub fn shape(candidate: &str) -> KeyShape {
+    let bytes = candidate.as_bytes();
+    if bytes.is_empty() || bytes.len() > MAX_KEY_BYTES {
+        return KeyShape::Malformed;
+    }
+    if bytes.len() != KEY_LEN || !bytes.starts_with(KEY_PREFIX.as_bytes()) {
+        return KeyShape::Foreign;
+    }
+    let (body, check) = bytes[KEY_PREFIX.len()..].split_at(BODY_LEN);
+    if body.iter().all(|b| ALPHABET.contains(b)) && checksum(body) == check {
+        KeyShape::WellFormed
+    } else {
+        KeyShape::Malformed
+    }
+}
+
+pub fn is_well_formed(candidate: &str) -> bool {
+    shape(candidate) == KeyShape::WellFormed
+}
+
+/// The part of a key that is stored in `key_prefix` and safe to show.
+/// Keys of other formats keep at most their first nine characters.
+pub fn display_prefix(key: &str) -> &str {
+    let end = key
+        .char_indices()
+        .nth(DISPLAY_PREFIX_LEN)
+        .map_or(key.len(), |(i, _)| i);
+    &key[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    // Computed independently with Python:
+    //   b62 = lambda n: ''.join(A[n // 62**i % 62] for i in reversed(range(6)))
+    //   b62(zlib.crc32(body.encode()))
+    const VECTORS: &[(&str, u32, &str)] = &[
+        (
+            "0000000000000000000000000000000000000000000",
+            2_018_072_207,
+            "2CZclj",
+        ),
+        (
+            "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQ",
+            3_891_398_524,
+            "4FLuWK",
+        ),
+        (
+            "ZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZ",
+            3_830_303_482,
+            "4BDYuQ",
+        ),
+    ];
+
+    #[test]
+    fn checksum_matches_zlib_crc32_in_base62() {
+        for (body, crc, expected) in VECTORS {
+            assert_eq!(crc32fast::hash(body.as_bytes()), *crc, "crc of {body}");
+            assert_eq!(&checksum(body.as_bytes()), expected.as_bytes(), "{body}");
+        }
+    }
+
+    #[test]
+    fn checksum_of_empty_input_is_zero_padded() {
+        // crc32(b"") == 0
+        assert_eq!(&checksum(b""), b"000000");
+    }
+
+    #[test]
+    fn generated_keys_have_the_documented_layout() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..1000 {
+            let key = generate(&mut rng).unwrap();
+            assert_eq!(key.len(), KEY_LEN);
+            assert!(key.starts_with(KEY_PREFIX));
+            assert!(key[3..].bytes().all(|b| ALPHABET.contains(&b)));
+            assert_eq!(shape(&key), KeyShape::WellFormed);
+            assert_eq!(display_prefix(&key), &key[..9]);
+        }
+    }
+
+    #[test]
+    fn known_key_is_well_formed() {
+        let key = format!("mk_{}{}", VECTORS[1].0, VECTORS[1].2);
+        assert_eq!(key.len(), 52);
+        assert!(is_well_formed(&key));
+    }
+
+    #[test]
+    fn every_single_character_change_is_caught() {
+        let key = generate(&mut StdRng::seed_from_u64(1)).unwrap();
+        for pos in 3..KEY_LEN {
+            for &replacement in ALPHABET.iter() {
+                let mut bytes = key.clone().into_bytes();
+                if bytes[pos] == replacement {
+                    continue;
+                }
+                bytes[pos] = replacement;
+                let changed = String::from_utf8(bytes).unwrap();
+                assert_eq!(shape(&changed), KeyShape::Malformed, "pos {pos}");
+            }
+        }
+    }
+
+    #[test]
+    fn shapes_of_hostile_and_foreign_input() {
+        assert_eq!(shape(""), KeyShape::Malformed);
+        assert_eq!(shape(&"x".repeat(MAX_KEY_BYTES + 1)), KeyShape::Malformed);
+        assert_eq!(shape(&"x".repeat(MAX_KEY_BYTES)), KeyShape::Foreign);
+        assert_eq!(shape("mk_abc123"), KeyShape::Foreign);
+        assert_eq!(shape("sk_live_something"), KeyShape::Foreign);
+        // Right prefix and length, characters outside the alphabet.
+        let bad = format!("mk_{}", "-".repeat(BODY_LEN + CHECKSUM_LEN));
+        assert_eq!(shape(&bad), KeyShape::Malformed);
+        // A multibyte character of the right byte length is not ours.
+        let multibyte = format!(
+            "mk_{}é{}",
+            "a".repeat(BODY_LEN - 1),
+            "0".repeat(CHECKSUM_LEN - 1)
+        );
+        assert_eq!(multibyte.len(), KEY_LEN);
+        assert_eq!(shape(&multibyte), KeyShape::Malformed);
+    }
+
+    #[test]
+    fn display_prefix_respects_character_boundaries() {
+        assert_eq!(display_prefix("mk_abc123"), "mk_abc123");
+        assert_eq!(display_prefix("short"), "short");
+        assert_eq!(display_prefix("ééééééééééé"), "ééééééééé");
+    }
+
+    /// An RNG that always fails, as getrandom does when the OS cannot serve it.
+    struct BrokenRng;
+    impl rand::RngCore for BrokenRng {
+        fn next_u32(&mut self) -> u32 {
+            unreachable!()
+        }
+        fn next_u64(&mut self) -> u64 {
+            unreachable!()
+        }
+        fn fill_bytes(&mut self, _: &mut [u8]) {
+            unreachable!()
+        }
+        fn try_fill_bytes(&mut self, _: &mut [u8]) -> Result<(), rand::Error> {
+            Err(rand::Error::new(std::io::Error::other("no entropy")))
+        }
+    }
+
+    #[test]
+    fn rng_failure_is_an_error_never_a_key() {
+        assert!(generate(&mut BrokenRng).is_err());
+    }
+
+    /// An RNG that returns only bytes the rejection step must drop, then good ones.
+    struct MostlyRejectedRng(u32);
+    impl rand::RngCore for MostlyRejectedRng {
+        fn next_u32(&mut self) -> u32 {
+            unreachable!()
+        }
+        fn next_u64(&mut self) -> u64 {
+            unreachable!()
+        }
+        fn fill_bytes(&mut self, _: &mut [u8]) {
+            unreachable!()
+        }
+        fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand::Error> {
+            self.0 += 1;
+            let byte = if self.0 < 5 { 255 } else { 61 };
+            dest.fill(byte);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn rejected_bytes_never_reach_the_key() {
+        let key = generate(&mut MostlyRejectedRng(0)).unwrap();
+        assert_eq!(&key[3..46], "z".repeat(BODY_LEN));
+    }
+
+    #[test]
+    fn characters_are_uniform_over_the_alphabet() {
+        let mut rng = StdRng::seed_from_u64(42);
+        let mut counts = [0u64; 62];
+        let keys = 20_000;
+        for _ in 0..keys {
+            let key = generate(&mut rng).unwrap();
+            for b in key[3..3 + BODY_LEN].bytes() {
+                counts[ALPHABET.iter().position(|&a| a == b).unwrap()] += 1;
+            }
+        }
+        let expected = (keys * BODY_LEN) as f64 / 62.0;
+        let chi2: f64 = counts
+            .iter()
+            .map(|&c| (c as f64 - expected).powi(2) / expected)
+            .sum();
+        // 61 degrees of freedom: the 0.999 quantile is about 100.9.
+        assert!(chi2 < 100.9, "chi-square {chi2}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(20_000))]
+
+        #[test]
+        fn shape_never_panics_and_bounds_hold(s in ".{0,1100}") {
+            let got = shape(&s);
+            if s.is_empty() || s.len() > MAX_KEY_BYTES {
+                prop_assert_eq!(got, KeyShape::Malformed);
+            }
+            if got == KeyShape::WellFormed {
+                prop_assert_eq!(s.len(), KEY_LEN);
+            }
+        }
+
+    }
+}

@@ -1,0 +1,43 @@
+//! makima_keys: issue, hash, verify and revoke API keys inside PostgreSQL.
+//!
+//! `key_format` and `hashing` are plain Rust; `api` is the SQL surface and
+//! `store` the only code that touches `api_keys`.
+
+use pgrx::prelude::*;
+
+pub mod api;
+pub mod error;
+pub mod hashing;
+pub mod key_format;
+pub mod settings;
+pub mod store;
+
+::pgrx::pg_module_magic!(name, version);
+
+// The table, its indexes and the adoption of a pre-existing makima table.
+extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+// Privileges, once every function exists.
+extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    settings::register();
+}
+
+// pgrx needs the test module inline; its body lives in pg_tests.rs.
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    include!("pg_tests.rs");
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

@@ -1,0 +1,401 @@
+// In-server tests: one per row of the function table, every SQLSTATE included.
+// They run as a superuser in the extension's own database; privileges and
+// concurrency are tested through real client connections in tests/clients.
+
+use pgrx::prelude::*;
+
+/// Runs `sql` in a subtransaction and returns its SQLSTATE ("00000" on success),
+/// so one test can check several errors and keep going.
+fn sqlstate(sql: &str) -> String {
+    Spi::run(
+        "CREATE OR REPLACE FUNCTION pg_temp.sqlstate_of(stmt text) RETURNS text
+         LANGUAGE plpgsql AS $$
+         BEGIN EXECUTE stmt; RETURN '00000';
+         EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$",
+    )
+    .unwrap();
+    Spi::get_one_with_args::<String>("SELECT pg_temp.sqlstate_of($1)", &[sql.into()])
+        .unwrap()
+        .unwrap()
+}
+
+/// The message of the error `sql` raises.
+fn error_message(sql: &str) -> String {
+    Spi::run(
+        "CREATE OR REPLACE FUNCTION pg_temp.message_of(stmt text) RETURNS text
+         LANGUAGE plpgsql AS $$
+         DECLARE m text; h text;
+         BEGIN EXECUTE stmt; RETURN NULL;
+         EXCEPTION WHEN OTHERS THEN
+             GET STACKED DIAGNOSTICS m = MESSAGE_TEXT, h = PG_EXCEPTION_HINT;
+             RETURN m || ' | ' || h; END $$",
+    )
+    .unwrap();
+    Spi::get_one_with_args::<String>("SELECT pg_temp.message_of($1)", &[sql.into()])
+        .unwrap()
+        .unwrap()
+}
+
+fn new_user() -> pgrx::Uuid {
+    Spi::get_one::<pgrx::Uuid>("SELECT gen_random_uuid()")
+        .unwrap()
+        .unwrap()
+}
+
+/// Issues a key; returns (key id, key).
+fn issue(user: pgrx::Uuid) -> (pgrx::Uuid, String) {
+    let (id, key) = Spi::get_two_with_args::<pgrx::Uuid, String>(
+        "SELECT id, key FROM mk_issue_key($1)",
+        &[user.into()],
+    )
+    .unwrap();
+    (id.unwrap(), key.unwrap())
+}
+
+fn verify(key: &str) -> Option<pgrx::Uuid> {
+    Spi::get_one_with_args::<pgrx::Uuid>("SELECT mk_verify($1)", &[key.into()]).unwrap()
+}
+
+fn status(key: Option<&str>) -> String {
+    Spi::get_one_with_args::<String>("SELECT status FROM mk_verify_detail($1)", &[key.into()])
+        .unwrap()
+        .unwrap()
+}
+
+#[pg_test]
+fn issue_returns_one_row_with_a_well_formed_key() {
+    let user = new_user();
+    let (id, key, prefix) = Spi::get_three_with_args::<pgrx::Uuid, String, String>(
+        "SELECT id, key, key_prefix FROM mk_issue_key($1, 'ci')",
+        &[user.into()],
+    )
+    .unwrap();
+    let key = key.unwrap();
+    assert_eq!(key.len(), 52);
+    assert!(key.starts_with("mk_"));
+    assert!(crate::key_format::is_well_formed(&key));
+    assert_eq!(prefix.unwrap(), &key[..9]);
+    // Stored: hash and prefix, never the key.
+    let (hash, name) = Spi::get_two_with_args::<String, String>(
+        "SELECT key_hash, name FROM api_keys WHERE id = $1",
+        &[id.unwrap().into()],
+    )
+    .unwrap();
+    assert_eq!(hash.unwrap(), crate::hashing::hash_key(&key));
+    assert_eq!(name.as_deref(), Some("ci"));
+    let leaked = Spi::get_one_with_args::<i64>(
+        "SELECT count(*) FROM api_keys k WHERE k::text LIKE '%' || $1 || '%'",
+        &[key[3..].into()],
+    )
+    .unwrap();
+    assert_eq!(leaked, Some(0));
+}
+
+#[pg_test]
+fn issue_errors_have_their_sqlstates() {
+    assert_eq!(sqlstate("SELECT mk_issue_key(NULL)"), "22004");
+    let user = new_user();
+    assert_eq!(
+        sqlstate(&format!("SELECT mk_issue_key('{user}', repeat('x', 256))")),
+        "22001"
+    );
+    // 255 characters, multibyte ones included, is allowed.
+    assert_eq!(
+        sqlstate(&format!("SELECT mk_issue_key('{user}', repeat('é', 255))")),
+        "00000"
+    );
+    assert_eq!(sqlstate(&format!("SELECT mk_issue_key('{user}')")), "23505");
+    let message = error_message(&format!("SELECT mk_issue_key('{user}')"));
+    assert!(message.contains(&user.to_string()), "{message}");
+    assert!(message.contains("mk_rotate_key"), "{message}");
+    assert!(message.contains("mk_revoke"), "{message}");
+}
+
+#[pg_test]
+fn unknown_user_is_23503_when_users_table_exists() {
+    // The test database has no users table at CREATE EXTENSION time, so
+    // attach the foreign key the way the install script does.
+    Spi::run(
+        "CREATE TABLE users (id uuid PRIMARY KEY);
+         ALTER TABLE api_keys ADD CONSTRAINT api_keys_user_id_fkey
+             FOREIGN KEY (user_id) REFERENCES users(id) ON DELETE CASCADE",
+    )
+    .unwrap();
+    assert_eq!(sqlstate("SELECT mk_issue_key(gen_random_uuid())"), "23503");
+    assert_eq!(sqlstate("SELECT mk_rotate_key(gen_random_uuid())"), "23503");
+    let user = new_user();
+    Spi::run_with_args("INSERT INTO users VALUES ($1)", &[user.into()]).unwrap();
+    let (_, key) = issue(user);
+    assert_eq!(verify(&key), Some(user));
+    Spi::run_with_args("DELETE FROM users WHERE id = $1", &[user.into()]).unwrap();
+    assert_eq!(verify(&key), None);
+    assert_eq!(status(Some(&key)), "not_found");
+}
+
+#[pg_test]
+fn rotate_revokes_the_old_key_and_issues_a_new_one() {
+    let user = new_user();
+    // With no active key, rotate simply issues.
+    let first =
+        Spi::get_one_with_args::<String>("SELECT key FROM mk_rotate_key($1)", &[user.into()])
+            .unwrap()
+            .unwrap();
+    assert_eq!(verify(&first), Some(user));
+    let second = Spi::get_one_with_args::<String>(
+        "SELECT key FROM mk_rotate_key($1, 'next')",
+        &[user.into()],
+    )
+    .unwrap()
+    .unwrap();
+    assert_ne!(first, second);
+    assert_eq!(verify(&first), None);
+    assert_eq!(status(Some(&first)), "revoked");
+    assert_eq!(verify(&second), Some(user));
+    let active = Spi::get_one_with_args::<i64>(
+        "SELECT count(*) FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL",
+        &[user.into()],
+    )
+    .unwrap();
+    assert_eq!(active, Some(1));
+    assert_eq!(sqlstate("SELECT mk_rotate_key(NULL)"), "22004");
+    assert_eq!(
+        sqlstate(&format!("SELECT mk_rotate_key('{user}', repeat('x', 300))")),
+        "22001"
+    );
+}
+
+#[pg_test]
+fn verify_returns_the_user_of_an_active_key_and_null_otherwise() {
+    let user = new_user();
+    let (id, key) = issue(user);
+    assert_eq!(verify(&key), Some(user));
+    let mut changed = key.clone().into_bytes();
+    changed[10] = if changed[10] == b'a' { b'b' } else { b'a' };
+    let changed = String::from_utf8(changed).unwrap();
+    assert_eq!(verify(&changed), None);
+    Spi::run_with_args("SELECT mk_revoke($1)", &[id.into()]).unwrap();
+    assert_eq!(verify(&key), None);
+}
+
+#[pg_test]
+fn verify_never_raises_for_any_text() {
+    let hostile = [
+        "SELECT mk_verify(NULL)",
+        "SELECT mk_verify('')",
+        "SELECT mk_verify(repeat('a', 1024 * 1024))",
+        "SELECT mk_verify(repeat('mk_', 400))",
+        "SELECT mk_verify(E'mk_\\x01\\x02\\t\\n\\r')",
+        "SELECT mk_verify('ключ-🔑-鍵')",
+        "SELECT mk_verify('mk_' || repeat('A', 49))",
+        "SELECT mk_verify(repeat('é', 26))",
+        "SELECT mk_verify('''; DROP TABLE api_keys; --')",
+    ];
+    for sql in hostile {
+        assert_eq!(sqlstate(sql), "00000", "{sql}");
+        let detail = sql.replace("mk_verify(", "mk_verify_detail(");
+        assert_eq!(sqlstate(&detail), "00000", "{detail}");
+    }
+    assert_eq!(verify(&"a".repeat(1024 * 1024)), None);
+}
+
+#[pg_test]
+fn verify_detail_reports_every_status() {
+    assert_eq!(status(None), "malformed");
+    assert_eq!(status(Some("")), "malformed");
+    assert_eq!(status(Some(&"x".repeat(1025))), "malformed");
+    // Our prefix and length with a bad checksum is malformed, not looked up.
+    let user = new_user();
+    let (id, key) = issue(user);
+    let mut bad = key.clone().into_bytes();
+    bad[51] = if bad[51] == b'0' { b'1' } else { b'0' };
+    assert_eq!(
+        status(Some(std::str::from_utf8(&bad).unwrap())),
+        "malformed"
+    );
+    // Other formats are looked up by hash.
+    assert_eq!(status(Some("not-a-makima-key")), "not_found");
+    let well_formed_unknown = crate::key_format::generate(&mut rand::rngs::OsRng).unwrap();
+    assert_eq!(status(Some(&well_formed_unknown)), "not_found");
+
+    let (st, key_id, user_id, prefix, name) = Spi::connect(|c| {
+        let row = c
+            .select(
+                "SELECT status, key_id, user_id, key_prefix, name FROM mk_verify_detail($1)",
+                None,
+                &[key.as_str().into()],
+            )
+            .unwrap()
+            .first();
+        (
+            row.get::<String>(1).unwrap(),
+            row.get::<pgrx::Uuid>(2).unwrap(),
+            row.get::<pgrx::Uuid>(3).unwrap(),
+            row.get::<String>(4).unwrap(),
+            row.get::<String>(5).unwrap(),
+        )
+    });
+    assert_eq!(st.as_deref(), Some("valid"));
+    assert_eq!(key_id, Some(id));
+    assert_eq!(user_id, Some(user));
+    assert_eq!(prefix.as_deref(), Some(&key[..9]));
+    assert_eq!(name, None);
+
+    Spi::run_with_args("SELECT mk_revoke($1)", &[id.into()]).unwrap();
+    assert_eq!(status(Some(&key)), "revoked");
+    let (key_id, user_id) = Spi::get_two_with_args::<pgrx::Uuid, pgrx::Uuid>(
+        "SELECT key_id, user_id FROM mk_verify_detail($1)",
+        &[key.as_str().into()],
+    )
+    .unwrap();
+    assert_eq!((key_id, user_id), (Some(id), Some(user)));
+    let nulls = Spi::get_one_with_args::<bool>(
+        "SELECT key_id IS NULL AND user_id IS NULL AND key_prefix IS NULL AND name IS NULL
+           FROM mk_verify_detail($1)",
+        &["nope".into()],
+    )
+    .unwrap();
+    assert_eq!(nulls, Some(true));
+    let rows = Spi::get_one::<i64>("SELECT count(*) FROM mk_verify_detail(NULL)").unwrap();
+    assert_eq!(rows, Some(1));
+}
+
+#[pg_test]
+fn revoke_reports_what_it_did() {
+    let user = new_user();
+    let (id, _) = issue(user);
+    let first = Spi::get_one_with_args::<bool>("SELECT mk_revoke($1)", &[id.into()]).unwrap();
+    let second = Spi::get_one_with_args::<bool>("SELECT mk_revoke($1)", &[id.into()]).unwrap();
+    assert_eq!((first, second), (Some(true), Some(false)));
+    assert_eq!(sqlstate("SELECT mk_revoke(gen_random_uuid())"), "P0002");
+    assert_eq!(sqlstate("SELECT mk_revoke(NULL)"), "22004");
+    // After a revoke the user may be issued a new key.
+    issue(user);
+}
+
+#[pg_test]
+fn revoke_user_keys_counts_what_this_call_revoked() {
+    let user = new_user();
+    issue(user);
+    let count = |u: pgrx::Uuid| {
+        Spi::get_one_with_args::<i32>("SELECT mk_revoke_user_keys($1)", &[u.into()])
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(count(user), 1);
+    assert_eq!(count(user), 0);
+    assert_eq!(count(new_user()), 0);
+    assert_eq!(sqlstate("SELECT mk_revoke_user_keys(NULL)"), "22004");
+}
+
+#[pg_test]
+fn hash_key_matches_pgcrypto_free_sql() {
+    let same = Spi::get_one::<bool>(
+        "SELECT bool_and(mk_hash_key(k) = encode(sha256(convert_to(k, 'UTF8')), 'hex'))
+           FROM (VALUES ('mk_abc'), (''), ('ключ 🔑'), (repeat('z', 5000))) v(k)",
+    )
+    .unwrap();
+    assert_eq!(same, Some(true));
+    assert_eq!(
+        Spi::get_one::<String>("SELECT mk_hash_key(NULL)").unwrap(),
+        None
+    );
+    let volatility = Spi::get_one::<String>(
+        "SELECT provolatile::text || proisstrict::text || proparallel::text
+           FROM pg_proc WHERE proname = 'mk_hash_key'",
+    )
+    .unwrap();
+    assert_eq!(volatility.as_deref(), Some("itrues"));
+}
+
+#[pg_test]
+fn key_is_well_formed_checks_format_and_checksum_only() {
+    let user = new_user();
+    let (_, key) = issue(user);
+    let check = |k: &str| {
+        Spi::get_one_with_args::<bool>("SELECT mk_key_is_well_formed($1)", &[k.into()])
+            .unwrap()
+            .unwrap()
+    };
+    assert!(check(&key));
+    assert!(check(
+        "mk_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQ4FLuWK"
+    ));
+    assert!(!check(
+        "mk_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQ4FLuWL"
+    ));
+    assert!(!check("mk_abc123"));
+    assert!(!check(""));
+    let immutable = Spi::get_one::<String>(
+        "SELECT provolatile::text FROM pg_proc WHERE proname = 'mk_key_is_well_formed'",
+    )
+    .unwrap();
+    assert_eq!(immutable.as_deref(), Some("i"));
+}
+
+#[pg_test]
+fn last_used_at_follows_the_interval_setting() {
+    let user = new_user();
+    let (id, key) = issue(user);
+    let last_used = || {
+        Spi::get_one_with_args::<TimestampWithTimeZone>(
+            "SELECT last_used_at FROM api_keys WHERE id = $1",
+            &[id.into()],
+        )
+        .unwrap()
+    };
+    assert_eq!(last_used(), None);
+    verify(&key);
+    let first = last_used().expect("set on first verification");
+    // Within the default 60 s interval nothing is written again.
+    Spi::run_with_args(
+        "UPDATE api_keys SET last_used_at = now() - interval '30 seconds' WHERE id = $1",
+        &[id.into()],
+    )
+    .unwrap();
+    let backdated = last_used().unwrap();
+    assert_ne!(first, backdated);
+    verify(&key);
+    assert_eq!(last_used(), Some(backdated));
+    // Older than the interval: written.
+    Spi::run("SET LOCAL makima_keys.last_used_interval = 10").unwrap();
+    verify(&key);
+    assert_ne!(last_used(), Some(backdated));
+    // 0 writes on every verification.
+    Spi::run("SET LOCAL makima_keys.last_used_interval = 0").unwrap();
+    Spi::run_with_args(
+        "UPDATE api_keys SET last_used_at = now() - interval '1 second' WHERE id = $1",
+        &[id.into()],
+    )
+    .unwrap();
+    verify(&key);
+    assert_eq!(
+        Spi::get_one_with_args::<bool>(
+            "SELECT last_used_at = now() FROM api_keys WHERE id = $1",
+            &[id.into()]
+        )
+        .unwrap(),
+        Some(true)
+    );
+    assert_eq!(
+        sqlstate("SET LOCAL makima_keys.last_used_interval = -1"),
+        "22023"
+    );
+}
+
+#[pg_test]
+fn definer_functions_pin_search_path() {
+    let unpinned = Spi::get_one::<i64>(
+        "SELECT count(*) FROM pg_proc p JOIN pg_depend d
+             ON d.objid = p.oid AND d.classid = 'pg_proc'::regclass AND d.deptype = 'e'
+           JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'makima_keys'
+          WHERE p.prosecdef
+            AND NOT coalesce(p.proconfig @> ARRAY['search_path=pg_catalog, pg_temp'], false)",
+    )
+    .unwrap();
+    assert_eq!(unpinned, Some(0));
+    let definers = Spi::get_one::<i64>(
+        "SELECT count(*) FROM pg_proc WHERE prosecdef AND proname LIKE 'mk\\_%'",
+    )
+    .unwrap();
+    assert_eq!(definers, Some(6));
+}
