@@ -5,7 +5,7 @@
 -- with its rows instead of being created.
 --
 -- The extension's schema is looked up by oid and only ever quoted with %I:
--- @extschema@ is never pasted into a string (CVE-2023-39417), and nothing
+-- the schema placeholder is never used (CVE-2023-39417), and nothing
 -- here trusts an object it did not create without checking owner and shape
 -- (CVE-2022-2625).
 
@@ -37,6 +37,9 @@ DECLARE
     index_name text;
     index_tail text;
     found_definition text;
+    adoption_notice text;
+    no_foreign_key_notice text;
+    saved_min_messages text;
 BEGIN
     -- Built-in operators and functions only, whatever the installer's path.
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
@@ -156,10 +159,9 @@ BEGIN
             EXECUTE pg_catalog.format('GRANT SELECT, INSERT, UPDATE, DELETE ON %I.api_keys TO %I',
                                       ext_schema, (SELECT r.rolname FROM pg_catalog.pg_roles r WHERE r.oid = previous_owner));
         END IF;
-        RAISE NOTICE 'makima_keys adopted the existing table %.api_keys with its % rows; owner % keeps SELECT, INSERT, UPDATE, DELETE',
-            pg_catalog.quote_ident(ext_schema),
-            (SELECT c.reltuples::bigint FROM pg_catalog.pg_class c WHERE c.oid = api_keys_oid),
-            previous_owner::pg_catalog.regrole;
+        adoption_notice := pg_catalog.format(
+            'makima_keys adopted the existing table %s.api_keys with its rows; it now belongs to %I, and %s keeps SELECT, INSERT, UPDATE, DELETE on it',
+            pg_catalog.quote_ident(ext_schema), current_user, previous_owner::pg_catalog.regrole);
     END IF;
 
     -- Indexes: create what is missing, insist that what exists means what we rely on.
@@ -192,9 +194,9 @@ BEGIN
          WHERE c.relnamespace = ext_namespace AND c.relname = 'users' AND c.relkind IN ('r', 'p')
            AND a.attname = 'id' AND a.atttypid = 'pg_catalog.uuid'::pg_catalog.regtype AND NOT a.attisdropped;
         IF users_oid IS NULL THEN
-            RAISE NOTICE 'makima_keys: there is no table %.users with a uuid id column, so api_keys.user_id has no foreign key',
-                pg_catalog.quote_ident(ext_schema)
-                USING HINT = 'Keys of deleted users are then not removed automatically; see the README, section "Schema".';
+            no_foreign_key_notice := pg_catalog.format(
+                'makima_keys: there is no table %s.users with a uuid id column, so api_keys.user_id has no foreign key',
+                pg_catalog.quote_ident(ext_schema));
         ELSE
             EXECUTE pg_catalog.format(
                 'ALTER TABLE %1$I.api_keys ADD CONSTRAINT api_keys_user_id_fkey
@@ -205,6 +207,26 @@ BEGIN
     EXECUTE pg_catalog.format('REVOKE ALL ON TABLE %I.api_keys FROM PUBLIC', ext_schema);
     -- pg_dump then dumps the rows, and CREATE EXTENSION recreates the table.
     PERFORM pg_catalog.pg_extension_config_dump(api_keys_oid::pg_catalog.regclass, '');
+
+    -- CREATE EXTENSION raises client_min_messages to WARNING while its script
+    -- runs, which would swallow these notices. Show them if the session's own
+    -- level (its reset value: server, role, database or connection setting)
+    -- lets notices through.
+    IF adoption_notice IS NOT NULL OR no_foreign_key_notice IS NOT NULL THEN
+        saved_min_messages := pg_catalog.current_setting('client_min_messages');
+        IF (SELECT s.reset_val FROM pg_catalog.pg_settings s WHERE s.name = 'client_min_messages')
+               IN ('debug5', 'debug4', 'debug3', 'debug2', 'debug1', 'log', 'notice') THEN
+            PERFORM pg_catalog.set_config('client_min_messages', 'notice', true);
+        END IF;
+        IF adoption_notice IS NOT NULL THEN
+            RAISE NOTICE '%', adoption_notice;
+        END IF;
+        IF no_foreign_key_notice IS NOT NULL THEN
+            RAISE NOTICE '%', no_foreign_key_notice
+                USING HINT = 'Keys of deleted users are then not removed with them. README, section "Schema", shows how to add the foreign key later.';
+        END IF;
+        PERFORM pg_catalog.set_config('client_min_messages', saved_min_messages, true);
+    END IF;
 
     PERFORM pg_catalog.set_config('search_path', saved_search_path, true);
 END

@@ -1,3 +1,3 @@
--- this setup file is run immediately after the regression database is (re)created
--- the file is optional but you likely want to create the extension
+-- Runs once after the regression database is created. It has no users
+-- table, so the extension installs without the foreign key and says so.
 CREATE EXTENSION makima_keys;

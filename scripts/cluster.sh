@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# A throwaway PostgreSQL 15 cluster run as the `postgres` user (Postgres
+# refuses root). Listens on 127.0.0.1:PORT and a socket in DIR; trust auth.
+#   cluster.sh start DIR PORT [extra postgres -c settings...]
+#   cluster.sh stop DIR
+set -euo pipefail
+BIN=/usr/lib/postgresql/15/bin
+cmd=$1 dir=$2
+
+as_postgres() {
+    if [ "$(id -un)" = postgres ]; then "$@"; else sudo -u postgres -- "$@"; fi
+}
+
+case "$cmd" in
+start)
+    port=$3; shift 3
+    mkdir -p "$dir"
+    chown postgres "$dir" 2>/dev/null || true
+    if [ ! -f "$dir/data/PG_VERSION" ]; then
+        as_postgres "$BIN/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >"$dir/initdb.log"
+    fi
+    opts="-p $port -k $dir -c listen_addresses=127.0.0.1"
+    for setting in "$@"; do opts="$opts -c $setting"; done
+    as_postgres "$BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -o "$opts" start >/dev/null
+    ;;
+stop)
+    if [ -f "$dir/data/postmaster.pid" ]; then
+        as_postgres "$BIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null || true
+    fi
+    ;;
+*)
+    echo "usage: cluster.sh start DIR PORT [setting=value...] | stop DIR" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs what is needed, builds makima_keys in release mode, installs it into
+# PostgreSQL 15, starts a throwaway cluster and shows keys being issued,
+# verified, rotated and revoked. Run as root on Debian 12.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PG_BIN=/usr/lib/postgresql/15/bin
+PORT=${MK_DEMO_PORT:-54330}
+
+bash scripts/install-deps.sh
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+
+echo "== build and install makima_keys (release)"
+cargo pgrx install --release --pg-config "$PG_BIN/pg_config"
+
+WORK=$(mktemp -d /tmp/makima-keys-demo.XXXXXX)
+chmod 755 "$WORK"
+trap 'bash scripts/cluster.sh stop "$WORK"; rm -rf "$WORK"' EXIT
+echo "== start a throwaway cluster on 127.0.0.1:$PORT"
+bash scripts/cluster.sh start "$WORK" "$PORT"
+
+echo "== issue, verify, rotate, revoke"
+"$PG_BIN/psql" -X -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -e <<'SQL'
+CREATE TABLE users (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), email text);
+CREATE EXTENSION makima_keys;
+INSERT INTO users (email) VALUES ('ada@example.com') RETURNING id AS ada \gset
+
+-- Issue: the key is shown once and stored only as a hash.
+SELECT id AS key_id, key, key_prefix FROM mk_issue_key(:'ada', 'laptop') \gset
+\echo issued :key
+SELECT key_prefix, key_hash, name, created_at FROM api_keys;
+
+-- Verify: the user id for a good key, NULL for anything else.
+SELECT mk_verify(:'key') AS user_id;
+SELECT * FROM mk_verify_detail(:'key');
+SELECT * FROM mk_verify_detail('mk_not-a-real-key');
+SELECT * FROM mk_verify_detail(left(:'key', 51) || 'x');
+
+-- One active key per user: a second issue is refused with SQLSTATE 23505.
+\set ON_ERROR_STOP 0
+SELECT mk_issue_key(:'ada');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+\set ON_ERROR_STOP 1
+
+-- Rotate: the old key stops, the new one works.
+SELECT id AS new_key_id, key AS new_key FROM mk_rotate_key(:'ada', 'laptop, rotated') \gset
+SELECT mk_verify(:'key') AS old_key, mk_verify(:'new_key') AS new_key;
+
+-- Revoke.
+SELECT mk_revoke(:'new_key_id') AS revoked;
+SELECT status FROM mk_verify_detail(:'new_key');
+SELECT key_prefix, name, last_used_at IS NOT NULL AS used, revoked_at IS NOT NULL AS revoked
+  FROM api_keys ORDER BY created_at;
+SQL
+echo "== done; the cluster is stopped and removed"

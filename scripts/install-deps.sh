@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs everything makima_keys needs to build and test on Debian 12, as root.
+# Safe to run again: each step is skipped when already done.
+set -euo pipefail
+
+PGRX_VERSION=0.18.1
+PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-deps.sh installs Debian packages: run it as root" >&2
+    exit 1
+fi
+
+packages=(postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev clang pkg-config
+          sudo python3 python3-venv python3-pip ca-certificates curl)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    log "apt-get install ${missing[*]}"
+    apt-get update -qq
+    # The Debian package would start a cluster on 5432; ours are throwaway ones.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    log "installing the Rust toolchain with rustup"
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+    . "$HOME/.cargo/env"
+fi
+
+if [ "$(cargo pgrx --version 2>/dev/null)" != "cargo-pgrx $PGRX_VERSION" ]; then
+    log "cargo install cargo-pgrx $PGRX_VERSION (a few minutes the first time)"
+    cargo install --locked cargo-pgrx --version "$PGRX_VERSION"
+fi
+
+if ! grep -qs "pg15" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
+    log "cargo pgrx init --pg15 $PG_CONFIG"
+    cargo pgrx init --pg15 "$PG_CONFIG"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    log "python venv for the client tests"
+    python3 -m venv .venv
+fi
+if ! .venv/bin/python -c 'import psycopg, pytest' 2>/dev/null; then
+    .venv/bin/pip install -q -r tests/clients/requirements.txt
+fi
