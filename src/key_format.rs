@@ -103,7 +103,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use rand::rngs::StdRng;
-    use rand::SeedableRng;
+    use rand::{Rng, SeedableRng};
 
     // Computed independently with Python:
     //   b62 = lambda n: ''.join(A[n // 62**i % 62] for i in reversed(range(6)))
@@ -269,6 +269,115 @@ mod tests {
             .sum();
         // 61 degrees of freedom: the 0.999 quantile is about 100.9.
         assert!(chi2 < 100.9, "chi-square {chi2}");
+    }
+
+    /// An independent oracle: bitwise CRC-32 and base 62 by division, written
+    /// from the format's description rather than from the code above.
+    fn reference_shape(s: &str) -> KeyShape {
+        fn crc32_bitwise(data: &[u8]) -> u32 {
+            let mut crc = !0u32;
+            for &byte in data {
+                crc ^= u32::from(byte);
+                for _ in 0..8 {
+                    crc = if crc & 1 == 1 {
+                        (crc >> 1) ^ 0xEDB8_8320
+                    } else {
+                        crc >> 1
+                    };
+                }
+            }
+            !crc
+        }
+        let b = s.as_bytes();
+        if b.is_empty() || b.len() > 1024 {
+            return KeyShape::Malformed;
+        }
+        if b.len() != 52 || &b[..3] != b"mk_" {
+            return KeyShape::Foreign;
+        }
+        let body = &b[3..46];
+        if !body.iter().all(u8::is_ascii_alphanumeric) {
+            return KeyShape::Malformed;
+        }
+        let mut n = u64::from(crc32_bitwise(body));
+        let mut digits = Vec::new();
+        for _ in 0..6 {
+            digits.push(ALPHABET[(n % 62) as usize]);
+            n /= 62;
+        }
+        digits.reverse();
+        if digits == b[46..] {
+            KeyShape::WellFormed
+        } else {
+            KeyShape::Malformed
+        }
+    }
+
+    /// One million generated inputs: random text of every kind and length
+    /// around the limits, and real keys mutated in one or more places.
+    #[test]
+    fn a_million_generated_inputs_classify_like_the_reference() {
+        let mut rng = StdRng::seed_from_u64(0x6d6b5f);
+        let pools: [&[char]; 4] = [
+            &['m', 'k', '_', 'a', 'Z', '0', '9'],
+            &['\0', '\u{1}', '\n', '\u{7f}', ' ', '\'', '\\'],
+            &['é', 'ß', '鍵', '🔑', '\u{202e}'],
+            &['-', '+', '/', '=', '%', '.'],
+        ];
+        let real_keys: Vec<Vec<char>> = (0..1024)
+            .map(|_| generate(&mut rng).unwrap().chars().collect())
+            .collect();
+        let mut seen = [0usize; 3];
+        for case in 0..1_000_000u32 {
+            let input = match case % 4 {
+                // A real key with a few characters replaced, inserted or removed.
+                0 | 1 => {
+                    let mut key = real_keys[rng.gen_range(0..real_keys.len())].clone();
+                    for _ in 0..rng.gen_range(0..3) {
+                        let pos = rng.gen_range(0..key.len());
+                        match rng.gen_range(0..3) {
+                            0 => key[pos] = ALPHABET[rng.gen_range(0..62)] as char,
+                            1 => key.insert(pos, pools[rng.gen_range(0..4)][0]),
+                            _ => {
+                                key.remove(pos);
+                            }
+                        }
+                    }
+                    key.into_iter().collect::<String>()
+                }
+                // "mk_" and 49 random alphabet characters.
+                2 => {
+                    let tail: String = (0..49)
+                        .map(|_| ALPHABET[rng.gen_range(0..62)] as char)
+                        .collect();
+                    format!("mk_{tail}")
+                }
+                // Random characters of every kind, lengths around the limits.
+                _ => {
+                    let len = *[0usize, 1, 51, 52, 53, 1023, 1024, 1025]
+                        .get(rng.gen_range(0..16))
+                        .unwrap_or(&rng.gen_range(0..80));
+                    let pool = pools[rng.gen_range(0..4)];
+                    if len > 80 {
+                        // Long ones: one character repeated, a few others spliced in.
+                        let mut chars = vec![pool[0]; len];
+                        for _ in 0..4 {
+                            chars[rng.gen_range(0..len)] = pool[rng.gen_range(0..pool.len())];
+                        }
+                        chars.into_iter().collect()
+                    } else {
+                        (0..len)
+                            .map(|_| pool[rng.gen_range(0..pool.len())])
+                            .collect()
+                    }
+                }
+            };
+            let got = shape(&input);
+            assert_eq!(got, reference_shape(&input), "case {case}: {input:?}");
+            seen[got as usize] += 1;
+        }
+        // The generator reached every class.
+        assert!(seen.iter().all(|&n| n > 1000), "{seen:?}");
     }
 
     proptest! {
