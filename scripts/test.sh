@@ -4,6 +4,8 @@
 #   2. SQL regression files (pg_regress against a throwaway cluster)
 #   3. client tests over real connections (pytest + psycopg), same cluster
 # Installs what it needs first. Run as root on Debian 12.
+# Arguments go to pytest; MK_CLIENT_TESTS_ONLY=1 skips steps 1 and 2
+# (scripts/stress.sh uses both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -22,10 +24,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "== 1/3 unit and in-server tests (cargo pgrx test)"
-mkdir -p "$WORK/pgrx-data"
-chown postgres "$WORK/pgrx-data"
-cargo pgrx test pg15 --runas postgres --pgdata "$WORK/pgrx-data"
+if [ -z "${MK_CLIENT_TESTS_ONLY:-}" ]; then
+    echo "== 1/3 unit and in-server tests (cargo pgrx test)"
+    mkdir -p "$WORK/pgrx-data"
+    chown postgres "$WORK/pgrx-data"
+    cargo pgrx test pg15 --runas postgres --pgdata "$WORK/pgrx-data"
+fi
 
 echo "== install the extension into PostgreSQL 15"
 # cargo pgrx test installed a build with the test schema; replace it.
@@ -35,6 +39,7 @@ echo "== start a throwaway cluster on 127.0.0.1:$PORT"
 bash scripts/cluster.sh start "$WORK/cluster" "$PORT"
 export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres
 
+if [ -z "${MK_CLIENT_TESTS_ONLY:-}" ]; then
 echo "== 2/3 SQL regression tests (pg_regress)"
 "$PG_BIN/psql" -X -q -d postgres -c "DROP DATABASE IF EXISTS makima_keys_regress" \
     -c "CREATE DATABASE makima_keys_regress TEMPLATE template0 ENCODING 'UTF8'"
@@ -47,6 +52,9 @@ if ! "$(dirname "$("$PG_CONFIG" --pgxs)")/../test/regress/pg_regress" \
     cat "$WORK/regress/regression.diffs" 2>/dev/null || true
     exit 1
 fi
+fi
 
 echo "== 3/3 client tests (pytest, psycopg)"
-.venv/bin/python -m pytest -q -p no:cacheprovider tests/clients "$@"
+# Arguments select tests (pytest syntax); by default all of tests/clients.
+[ $# -gt 0 ] || set -- tests/clients
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
