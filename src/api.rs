@@ -112,7 +112,7 @@ enum Verdict {
     Found(store::FoundKey),
 }
 
-fn verify_key(fcinfo: pg_sys::FunctionCallInfo, key: Option<&str>) -> Verdict {
+fn verify_key(fcinfo: pg_sys::FunctionCallInfo, key: Option<&str>, with_labels: bool) -> Verdict {
     let Some(key) = key else {
         return Verdict::Malformed;
     };
@@ -121,7 +121,7 @@ fn verify_key(fcinfo: pg_sys::FunctionCallInfo, key: Option<&str>) -> Verdict {
     }
     let store = unsafe { Store::for_call(fcinfo) };
     let interval = settings::last_used_interval_secs();
-    match store.find_by_hash(&hash_key(key), f64::from(interval)) {
+    match store.find_by_hash(&hash_key(key), f64::from(interval), with_labels) {
         None => Verdict::NotFound,
         Some(found) => {
             if found.active && found.last_used_due && store::may_write_last_used() {
@@ -136,7 +136,7 @@ fn verify_key(fcinfo: pg_sys::FunctionCallInfo, key: Option<&str>) -> Verdict {
 #[pg_extern(security_definer, volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn mk_verify(key: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> Option<pgrx::Uuid> {
-    match verify_key(fcinfo, key) {
+    match verify_key(fcinfo, key, false) {
         Verdict::Found(found) if found.active => Some(found.user_id),
         _ => None,
     }
@@ -160,7 +160,7 @@ fn mk_verify_detail(
         name!(name, Option<String>),
     ),
 > {
-    let row = match verify_key(fcinfo, key) {
+    let row = match verify_key(fcinfo, key, true) {
         Verdict::Malformed => ("malformed".to_owned(), None, None, None, None),
         Verdict::NotFound => ("not_found".to_owned(), None, None, None, None),
         Verdict::Found(found) => (

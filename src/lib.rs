@@ -8,6 +8,7 @@ use pgrx::prelude::*;
 pub mod api;
 pub mod error;
 pub mod hashing;
+pub mod index_probe;
 pub mod key_format;
 pub mod settings;
 pub mod store;

@@ -12,6 +12,7 @@ use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 
 use crate::error::{KeyError, KeyResult};
+use crate::index_probe;
 
 /// What a lookup by hash found.
 pub struct FoundKey {
@@ -34,6 +35,7 @@ struct KeptPlans {
     namespace: pg_sys::Oid,
     lookup: OwnedPreparedStatement,
     touch: OwnedPreparedStatement,
+    insert: OwnedPreparedStatement,
 }
 
 thread_local! {
@@ -44,24 +46,28 @@ thread_local! {
 /// extension's schema because the extension is not relocatable.
 pub struct Store {
     namespace: pg_sys::Oid,
-    table: String,
 }
 
 impl Store {
     /// # Safety
     /// `fcinfo` must be the call's own, valid `FunctionCallInfo`.
     pub unsafe fn for_call(fcinfo: pg_sys::FunctionCallInfo) -> Store {
-        let namespace = pg_sys::get_func_namespace((*(*fcinfo).flinfo).fn_oid);
-        let schema_ptr = pg_sys::get_namespace_name(namespace);
-        let schema = std::ffi::CStr::from_ptr(schema_ptr).to_string_lossy();
         Store {
-            namespace,
-            table: format!("{}.api_keys", pgrx::spi::quote_identifier(schema)),
+            namespace: pg_sys::get_func_namespace((*(*fcinfo).flinfo).fn_oid),
         }
     }
 
+    /// `template` with `{api_keys}` replaced by the quoted, schema-qualified
+    /// table name. Built per statement, not per call: the verify path runs
+    /// kept plans and never gets here after its first call.
     fn sql(&self, template: &str) -> String {
-        template.replace("{api_keys}", &self.table)
+        let schema =
+            unsafe { std::ffi::CStr::from_ptr(pg_sys::get_namespace_name(self.namespace)) };
+        let table = format!(
+            "{}.api_keys",
+            pgrx::spi::quote_identifier(schema.to_string_lossy())
+        );
+        template.replace("{api_keys}", &table)
     }
 
     fn with_kept_plans<R>(
@@ -102,18 +108,44 @@ impl Store {
                     )
                     .expect("prepare last_used_at update")
                     .keep();
+                let insert = client
+                    .prepare_mut(
+                        &self.sql(
+                            "INSERT INTO {api_keys} (user_id, key_hash, key_prefix, name)
+                             VALUES ($1, $2, $3, $4)
+                             ON CONFLICT (user_id) WHERE revoked_at IS NULL DO NOTHING
+                             RETURNING id, created_at",
+                        ),
+                        &oids_of![pgrx::Uuid, String, String, String],
+                    )
+                    .expect("prepare key insert")
+                    .keep();
                 *kept = Some(KeptPlans {
                     namespace: self.namespace,
                     lookup,
                     touch,
+                    insert,
                 });
             }
             f(client, kept.as_ref().expect("plans were just kept"))
         })
     }
 
-    /// Finds the row whose `key_hash` is `hash`, active or not.
-    pub fn find_by_hash(&self, hash: &str, last_used_interval_secs: f64) -> Option<FoundKey> {
+    /// Finds the row whose `key_hash` is `hash`, active or not. `with_labels`
+    /// also reads `key_prefix` and `name`, which only mk_verify_detail shows.
+    pub fn find_by_hash(
+        &self,
+        hash: &str,
+        last_used_interval_secs: f64,
+        with_labels: bool,
+    ) -> Option<FoundKey> {
+        if let Some(found) =
+            index_probe::find_by_hash(self.namespace, hash, last_used_interval_secs, with_labels)
+        {
+            return found;
+        }
+        // The index is missing or not the one the install made: same answer
+        // through the executor, only slower.
         Spi::connect_mut(|client| {
             self.with_kept_plans(client, |client, plans| {
                 let args: [DatumWithOid; 2] = [hash.into(), last_used_interval_secs.into()];
@@ -157,34 +189,27 @@ impl Store {
         name: Option<&str>,
     ) -> Option<IssuedRow> {
         Spi::connect_mut(|client| {
-            let args: [DatumWithOid; 4] = [
-                user_id.into(),
-                key_hash.into(),
-                key_prefix.into(),
-                name.into(),
-            ];
-            let table = client
-                .update(
-                    &self.sql(
-                        "INSERT INTO {api_keys} (user_id, key_hash, key_prefix, name)
-                         VALUES ($1, $2, $3, $4)
-                         ON CONFLICT (user_id) WHERE revoked_at IS NULL DO NOTHING
-                         RETURNING id, created_at",
-                    ),
-                    None,
-                    &args,
-                )
-                .expect("insert key");
-            if table.is_empty() {
-                return None;
-            }
-            let row = table.first();
-            Some(IssuedRow {
-                id: row.get(1).expect("id").expect("id is not null"),
-                created_at: row
-                    .get(2)
-                    .expect("created_at")
-                    .expect("created_at is not null"),
+            self.with_kept_plans(client, |client, plans| {
+                let args: [DatumWithOid; 4] = [
+                    user_id.into(),
+                    key_hash.into(),
+                    key_prefix.into(),
+                    name.into(),
+                ];
+                let table = client
+                    .update(&plans.insert, None, &args)
+                    .expect("insert key");
+                if table.is_empty() {
+                    return None;
+                }
+                let row = table.first();
+                Some(IssuedRow {
+                    id: row.get(1).expect("id").expect("id is not null"),
+                    created_at: row
+                        .get(2)
+                        .expect("created_at")
+                        .expect("created_at is not null"),
+                })
             })
         })
     }

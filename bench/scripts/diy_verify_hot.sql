@@ -1,0 +1,1 @@
+SELECT diy.diy_verify((SELECT key FROM bench.keys WHERE i = 1));
