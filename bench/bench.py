@@ -191,7 +191,7 @@ def svg_chart(rows, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=54340)
+    parser.add_argument("--port", type=int, default=26440)
     parser.add_argument("--db", default="makima_bench")
     parser.add_argument("--keys", type=int, default=1_000_000, help="users with one key each (default 1,000,000)")
     parser.add_argument("--sample", type=int, default=100_000, help="keys for the server-side measurement")

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PG_BIN=/usr/lib/postgresql/15/bin
-PORT=${MK_BENCH_PORT:-54340}
+PORT=${MK_BENCH_PORT:-26440}
 
 bash scripts/install-deps.sh
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"

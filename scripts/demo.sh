@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PG_BIN=/usr/lib/postgresql/15/bin
-PORT=${MK_DEMO_PORT:-54330}
+PORT=${MK_DEMO_PORT:-26400}
 
 bash scripts/install-deps.sh
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"

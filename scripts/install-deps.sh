@@ -46,10 +46,24 @@ if ! grep -qs "pg15" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
     cargo pgrx init --pg15 "$PG_CONFIG"
 fi
 
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    log "apt-get install nodejs npm (client tests and the Node example)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm
+fi
+
 if [ ! -x .venv/bin/python ]; then
     log "python venv for the client tests"
     python3 -m venv .venv
 fi
-if ! .venv/bin/python -c 'import psycopg, pytest' 2>/dev/null; then
+if [ ! -f .venv/requirements.txt ] || ! cmp -s tests/clients/requirements.txt .venv/requirements.txt; then
     .venv/bin/pip install -q -r tests/clients/requirements.txt
+    cp tests/clients/requirements.txt .venv/requirements.txt
 fi
+
+for dir in tests/clients/node examples/node; do
+    if [ -f "$dir/package-lock.json" ] && [ ! -d "$dir/node_modules" ]; then
+        log "npm ci in $dir"
+        npm ci --prefix "$dir" --no-audit --no-fund --loglevel=error
+    fi
+done

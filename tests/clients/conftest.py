@@ -20,7 +20,7 @@ SUPERUSER = os.environ.get("PGUSER", "postgres")
 USERS_DDL = "CREATE TABLE users (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), email text)"
 
 
-PORT = os.environ.get("PGPORT", "54329")
+PORT = os.environ.get("PGPORT", "26329")
 
 
 def conninfo(dbname, user=SUPERUSER, port=PORT):

@@ -10,7 +10,7 @@ from conftest import add_user, connect
 
 def pg_env():
     return {**os.environ, "PGHOST": os.environ.get("PGHOST", "127.0.0.1"),
-            "PGPORT": os.environ.get("PGPORT", "54329"), "PGUSER": os.environ.get("PGUSER", "postgres")}
+            "PGPORT": os.environ.get("PGPORT", "26329"), "PGUSER": os.environ.get("PGUSER", "postgres")}
 
 
 def run(*args):

@@ -231,7 +231,9 @@ def test_committed_work_survives_a_postmaster_kill(tmp_path):
             t.join(30)
         assert len(committed_keys) >= 300
         wait_until_gone(killed)
-        subprocess.run(["bash", cluster, "start", str(root), port], check=True)
+        restarted = subprocess.run(["bash", cluster, "start", str(root), port], capture_output=True, text=True)
+        log = (root / "server.log").read_text(errors="replace")[-3000:]
+        assert restarted.returncode == 0, f"restart failed: {restarted.stderr}\n{log}"
 
         with psycopg.connect(admin, autocommit=True) as conn:
             for key_id, (user, key) in committed_keys.items():
