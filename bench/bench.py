@@ -174,8 +174,8 @@ def svg_chart(rows, path):
     height = 60 + len(values) * (bar + gap)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'font-family="sans-serif" font-size="13">',
-             f'<text x="10" y="22" font-size="15">Throughput at 4 clients (pgbench -M prepared), '
-             f'median of rounds</text>']
+             '<text x="10" y="22" font-size="15">Throughput at 4 clients (pgbench -M prepared), '
+             'median of rounds</text>']
     for i, (case, tps) in enumerate(values):
         y = 40 + i * (bar + gap)
         w = (width - left - 150) * tps / top

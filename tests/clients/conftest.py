@@ -88,6 +88,23 @@ def role():
             admin.execute(f'DROP ROLE IF EXISTS "{name}"')
 
 
+@pytest.fixture
+def planted(role, new_db):
+    """A factory of databases in which a role that is only allowed to CREATE in
+    public (an intruder, not the schema owner) ran `sql` before the install."""
+
+    def make(sql):
+        intruder = role("intruder")
+        name = new_db()
+        with connect(name) as su:
+            su.execute(f'GRANT CREATE ON SCHEMA public TO "{intruder}"')
+        with connect(name, user=intruder) as conn:
+            conn.execute(sql)
+        return name
+
+    return make
+
+
 def add_user(conn, email="someone@example.com"):
     return conn.execute("INSERT INTO users (email) VALUES (%s) RETURNING id", (email,)).fetchone()[0]
 

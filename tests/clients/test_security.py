@@ -130,25 +130,15 @@ def test_hostile_search_path_changes_nothing_and_runs_no_attacker_code(role, new
     assert results["clean"]["verify_detail"] == ("valid", True, True)
 
 
-def test_install_fails_on_a_function_planted_with_our_name(role, new_db):
-    intruder = role("intruder")
-    name = new_db()
-    with connect(name) as su:
-        su.execute(f'GRANT CREATE ON SCHEMA public TO "{intruder}"')
-    with connect(name, user=intruder) as conn:
-        conn.execute("CREATE FUNCTION mk_verify(text) RETURNS uuid LANGUAGE sql AS $$SELECT NULL::uuid$$")
+def test_install_fails_on_a_function_planted_with_our_name(planted):
+    name = planted("CREATE FUNCTION mk_verify(text) RETURNS uuid LANGUAGE sql AS $$SELECT NULL::uuid$$")
     with connect(name) as su:
         assert sqlstate_of(su, "CREATE EXTENSION makima_keys") == "42723"
         assert su.execute("SELECT count(*) FROM pg_extension WHERE extname = 'makima_keys'").fetchone()[0] == 0
 
 
-def test_install_fails_on_a_relation_planted_with_our_index_name(role, new_db):
-    intruder = role("intruder")
-    name = new_db()
-    with connect(name) as su:
-        su.execute(f'GRANT CREATE ON SCHEMA public TO "{intruder}"')
-    with connect(name, user=intruder) as conn:
-        conn.execute("CREATE TABLE idx_api_keys_key_hash_unique (x int)")
+def test_install_fails_on_a_relation_planted_with_our_index_name(planted):
+    name = planted("CREATE TABLE idx_api_keys_key_hash_unique (x int)")
     with connect(name) as su:
         assert sqlstate_of(su, "CREATE EXTENSION makima_keys") == "42P07"
 
