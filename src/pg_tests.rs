@@ -399,3 +399,18 @@ fn definer_functions_pin_search_path() {
     .unwrap();
     assert_eq!(definers, Some(6));
 }
+
+#[pg_test]
+fn verification_falls_back_to_sql_without_the_hash_index() {
+    let user = new_user();
+    let (id, key) = issue(user);
+    // Without our unique index the direct probe is impossible; the answers
+    // must not change.
+    Spi::run("DROP INDEX idx_api_keys_key_hash_unique").unwrap();
+    assert_eq!(verify(&key), Some(user));
+    assert_eq!(status(Some(&key)), "valid");
+    assert_eq!(status(Some("mk_unknown")), "not_found");
+    Spi::run_with_args("SELECT mk_revoke($1)", &[id.into()]).unwrap();
+    assert_eq!(verify(&key), None);
+    assert_eq!(status(Some(&key)), "revoked");
+}

@@ -30,7 +30,8 @@ pub struct IssuedRow {
     pub created_at: TimestampWithTimeZone,
 }
 
-/// Plans kept for the life of the backend, so the hot path skips parse and plan.
+/// Plans kept for the life of the backend: the last_used_at write, issuing,
+/// and the lookup used when the key_hash index cannot be probed directly.
 struct KeptPlans {
     namespace: pg_sys::Oid,
     lookup: OwnedPreparedStatement,
@@ -58,8 +59,8 @@ impl Store {
     }
 
     /// `template` with `{api_keys}` replaced by the quoted, schema-qualified
-    /// table name. Built per statement, not per call: the verify path runs
-    /// kept plans and never gets here after its first call.
+    /// table name. Not on the verify path, which probes the index directly
+    /// and only prepares the kept plans on its first write or fallback.
     fn sql(&self, template: &str) -> String {
         let schema =
             unsafe { std::ffi::CStr::from_ptr(pg_sys::get_namespace_name(self.namespace)) };
