@@ -10,7 +10,7 @@ PORT=${MK_BENCH_PORT:-26440}
 
 bash scripts/install-deps.sh
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
-cargo pgrx install --release --pg-config "$PG_BIN/pg_config" >/dev/null
+bash scripts/install-extension.sh --release
 
 WORK=$(mktemp -d /tmp/makima-keys-bench.XXXXXX)
 chmod 755 "$WORK"

@@ -11,7 +11,7 @@ bash scripts/install-deps.sh
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 
 echo "== build and install makima_keys (release)"
-cargo pgrx install --release --pg-config "$PG_BIN/pg_config"
+bash scripts/install-extension.sh --release
 
 WORK=$(mktemp -d /tmp/makima-keys-demo.XXXXXX)
 chmod 755 "$WORK"

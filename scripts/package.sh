@@ -19,6 +19,8 @@ root=target/debian/$name
 rm -rf "$root"
 mkdir -p "$root/DEBIAN"
 cp -a "$staged/." "$root/"
+# Earlier versions' install scripts, which pgrx does not copy (see install-extension.sh).
+install -m 644 sql/makima_keys--*.sql "$root$("$PG_CONFIG" --sharedir)/extension/"
 doc=$root/usr/share/doc/$name
 mkdir -p "$doc"
 cp README.md "$doc/"

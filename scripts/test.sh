@@ -34,7 +34,7 @@ fi
 
 echo "== install the extension into PostgreSQL 15"
 # cargo pgrx test installed a build with the test schema; replace it.
-cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null
+bash scripts/install-extension.sh
 
 echo "== start a throwaway cluster on 127.0.0.1:$PORT"
 bash scripts/cluster.sh start "$WORK/cluster" "$PORT"

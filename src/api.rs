@@ -1,16 +1,23 @@
-//! The SQL surface: argument checks, then `key_format`/`hashing`, then `store`.
+//! The SQL surface: argument checks, then `key_format`/`hashing`/`policy`,
+//! then `store`.
 //!
 //! Functions that touch `api_keys` are SECURITY DEFINER with
 //! `search_path = pg_catalog, pg_temp`; `store` qualifies the table itself.
+//!
+//! Functions whose SQL signature changed in 0.2.0 have new C symbols (the
+//! `_v2` Rust names); the 0.1.0 symbols stay below, without SQL of their
+//! own, for databases still at 0.1.0 when this library is installed.
 
 use pgrx::prelude::*;
 use rand::rngs::OsRng;
 
 use crate::error::{KeyError, KeyResult};
 use crate::hashing::hash_key;
+use crate::jsonb::StoredJsonb;
 use crate::key_format::{self, KeyShape};
+use crate::policy::{self, KeyStatus, Requirement, ScopeProblem};
 use crate::settings;
-use crate::store::{self, Store};
+use crate::store::{self, NewKey, Reading, Store};
 
 /// The seed declares `name VARCHAR(255)`.
 const NAME_MAX_CHARS: usize = 255;
@@ -19,8 +26,8 @@ pub fn to_uuid(id: pgrx::Uuid) -> uuid::Uuid {
     uuid::Uuid::from_bytes(*id.as_bytes())
 }
 
-// pgrx reads the return type from the signature, so the two issuing
-// functions spell it out; this alias is for the Rust side.
+// pgrx reads the return type from the signature, so the issuing functions
+// spell it out; this alias is for the Rust side.
 type IssuedKey = TableIterator<
     'static,
     (
@@ -46,23 +53,125 @@ fn check_name(name: Option<&str>) -> KeyResult<()> {
     Ok(())
 }
 
-fn issue(store: &Store, user_id: pgrx::Uuid, name: Option<&str>) -> KeyResult<IssuedKey> {
+/// `now()`: the start of the transaction, as the SQL the store runs sees it.
+fn transaction_start() -> TimestampWithTimeZone {
+    let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    TimestampWithTimeZone::try_from(now).expect("now() is a valid timestamp")
+}
+
+/// `now() + interval`, which must lie after `now()`.
+fn expiry(expires_in: Option<Interval>) -> KeyResult<Option<TimestampWithTimeZone>> {
+    let Some(expires_in) = expires_in else {
+        return Ok(None);
+    };
+    let now = transaction_start();
+    // Calendar arithmetic in the session's time zone, as SQL's now() + interval.
+    let at = now + expires_in;
+    if at <= now {
+        return Err(KeyError::NotPositive {
+            argument: "expires_in",
+        });
+    }
+    Ok(Some(at))
+}
+
+/// A grace period that ends now (or NULL) means none at all.
+fn grace_period(grace: Option<Interval>) -> KeyResult<Option<Interval>> {
+    let Some(grace) = grace else {
+        return Ok(None);
+    };
+    let now = transaction_start();
+    let end = now + grace;
+    if end < now {
+        return Err(KeyError::Negative { argument: "grace" });
+    }
+    Ok((end > now).then_some(grace))
+}
+
+fn checked_scopes(scopes: Option<Array<'_, &str>>) -> KeyResult<Option<Vec<String>>> {
+    let Some(scopes) = scopes else {
+        return Ok(None);
+    };
+    policy::normalize_scopes(scopes.iter())
+        .map(Some)
+        .map_err(|problem| match problem {
+            ScopeProblem::NullElement => KeyError::NullScope,
+            ScopeProblem::Invalid { position } => KeyError::InvalidScope { position },
+            ScopeProblem::TooMany { count } => KeyError::TooManyScopes {
+                count,
+                limit: policy::MAX_SCOPES,
+            },
+        })
+}
+
+fn checked_metadata(metadata: Option<StoredJsonb>) -> KeyResult<Option<StoredJsonb>> {
+    let Some(metadata) = metadata else {
+        return Ok(None);
+    };
+    let found = metadata.type_name();
+    if found != "object" {
+        return Err(KeyError::MetadataNotObject { found });
+    }
+    let size = metadata.stored_size();
+    if size > policy::MAX_METADATA_BYTES {
+        return Err(KeyError::MetadataTooLarge {
+            size,
+            limit: policy::MAX_METADATA_BYTES,
+        });
+    }
+    Ok(Some(metadata))
+}
+
+/// The 0.2.0 issue options, checked before anything is written.
+struct IssueOptions {
+    expires_at: Option<TimestampWithTimeZone>,
+    scopes: Option<Vec<String>>,
+    metadata: Option<StoredJsonb>,
+}
+
+fn issue_options(
+    name: Option<&str>,
+    expires_in: Option<Interval>,
+    scopes: Option<Array<'_, &str>>,
+    metadata: Option<StoredJsonb>,
+) -> KeyResult<IssueOptions> {
+    check_name(name)?;
+    Ok(IssueOptions {
+        expires_at: expiry(expires_in)?,
+        scopes: checked_scopes(scopes)?,
+        metadata: checked_metadata(metadata)?,
+    })
+}
+
+fn issue(store: &Store, user_id: pgrx::Uuid, new: NewKey<'_>) -> KeyResult<IssuedKey> {
     let key = key_format::generate(&mut OsRng).map_err(|_| KeyError::RandomnessUnavailable)?;
     let prefix = key_format::display_prefix(&key).to_owned();
     let row = store
-        .insert_active(user_id, &hash_key(&key), &prefix, name)
+        .insert_active(user_id, &hash_key(&key), &prefix, new)
         .ok_or(KeyError::ActiveKeyExists {
             user_id: to_uuid(user_id),
         })?;
     Ok(TableIterator::once((row.id, key, prefix, row.created_at)))
 }
 
+fn plain_key(name: Option<&str>) -> NewKey<'_> {
+    NewKey {
+        name,
+        expires_at: None,
+        scopes: None,
+        metadata: None,
+    }
+}
+
 /// Issues a new active key for `user_id`. The key is returned once and stored nowhere.
-#[pg_extern(security_definer, volatile, parallel_unsafe)]
+#[pg_extern(name = "mk_issue_key", security_definer, volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
-fn mk_issue_key(
+fn mk_issue_key_v2(
     user_id: Option<pgrx::Uuid>,
     name: default!(Option<&str>, "NULL"),
+    expires_in: default!(Option<Interval>, "NULL"),
+    scopes: default!(Option<Array<&str>>, "NULL"),
+    metadata: default!(Option<StoredJsonb>, "NULL"),
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> TableIterator<
     'static,
@@ -74,18 +183,30 @@ fn mk_issue_key(
     ),
 > {
     let result = required(user_id, "user_id").and_then(|user_id| {
-        check_name(name)?;
-        issue(&unsafe { Store::for_call(fcinfo) }, user_id, name)
+        let options = issue_options(name, expires_in, scopes, metadata)?;
+        let new = NewKey {
+            name,
+            expires_at: options.expires_at,
+            scopes: options.scopes,
+            metadata: options.metadata,
+        };
+        issue(&unsafe { Store::for_call(fcinfo) }, user_id, new)
     });
     result.unwrap_or_else(|e| e.raise("mk_issue_key"))
 }
 
-/// Revokes the user's active key, if any, and issues a new one, in one statement.
-#[pg_extern(security_definer, volatile, parallel_unsafe)]
+/// Ends the user's live keys (the active one after `grace`) and issues a new
+/// one, in one statement. Options not given are taken from the active key,
+/// so a rotation never widens what a key may do.
+#[pg_extern(name = "mk_rotate_key", security_definer, volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
-fn mk_rotate_key(
+fn mk_rotate_key_v2(
     user_id: Option<pgrx::Uuid>,
     name: default!(Option<&str>, "NULL"),
+    expires_in: default!(Option<Interval>, "NULL"),
+    scopes: default!(Option<Array<&str>>, "NULL"),
+    metadata: default!(Option<StoredJsonb>, "NULL"),
+    grace: default!(Option<Interval>, "NULL"),
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> TableIterator<
     'static,
@@ -97,10 +218,38 @@ fn mk_rotate_key(
     ),
 > {
     let result = required(user_id, "user_id").and_then(|user_id| {
-        check_name(name)?;
+        let options = issue_options(name, expires_in, scopes, metadata)?;
+        let grace = grace_period(grace)?;
         let store = unsafe { Store::for_call(fcinfo) };
-        store.revoke_user_keys(user_id);
-        issue(&store, user_id, name)
+        let inherit =
+            options.expires_at.is_none() || options.scopes.is_none() || options.metadata.is_none();
+        let active = if inherit {
+            store.lock_active_key(user_id)
+        } else {
+            None
+        };
+        store.end_user_keys(user_id, grace);
+        let new = match active {
+            None => NewKey {
+                name,
+                expires_at: options.expires_at,
+                scopes: options.scopes,
+                metadata: options.metadata,
+            },
+            Some(active) => NewKey {
+                name,
+                expires_at: options.expires_at.or_else(|| {
+                    active.lifetime.map(|lifetime| {
+                        let start = pg_sys::TimestampTz::from(transaction_start());
+                        TimestampWithTimeZone::try_from(start.saturating_add(lifetime))
+                            .unwrap_or_else(|_| TimestampWithTimeZone::positive_infinity())
+                    })
+                }),
+                scopes: options.scopes.or(active.scopes),
+                metadata: options.metadata.or(active.metadata),
+            },
+        };
+        issue(&store, user_id, new)
     });
     result.unwrap_or_else(|e| e.raise("mk_rotate_key"))
 }
@@ -109,10 +258,15 @@ fn mk_rotate_key(
 enum Verdict {
     Malformed,
     NotFound,
-    Found(store::FoundKey),
+    Found(store::FoundKey, KeyStatus),
 }
 
-fn verify_key(fcinfo: pg_sys::FunctionCallInfo, key: Option<&str>, with_labels: bool) -> Verdict {
+fn verify_key(
+    fcinfo: pg_sys::FunctionCallInfo,
+    key: Option<&str>,
+    requirement: Requirement<'_>,
+    with_labels: bool,
+) -> Verdict {
     let Some(key) = key else {
         return Verdict::Malformed;
     };
@@ -120,34 +274,141 @@ fn verify_key(fcinfo: pg_sys::FunctionCallInfo, key: Option<&str>, with_labels: 
         return Verdict::Malformed;
     }
     let store = unsafe { Store::for_call(fcinfo) };
-    let interval = settings::last_used_interval_secs();
-    match store.find_by_hash(&hash_key(key), f64::from(interval), with_labels) {
-        None => Verdict::NotFound,
-        Some(found) => {
-            if found.active && found.last_used_due && store::may_write_last_used() {
-                store.touch_last_used(found.id);
-            }
-            Verdict::Found(found)
-        }
+    let reading = Reading {
+        labels: with_labels,
+        scopes: with_labels || requirement != Requirement::None,
+    };
+    let Some(found) = store.find_by_hash(&hash_key(key), reading) else {
+        return Verdict::NotFound;
+    };
+    // The wall clock, not the transaction start: a revocation or expiry that
+    // is visible must take effect, however long this transaction has run.
+    // Read only for keys that can end.
+    let now = if found.revoked_at.is_some() || found.expires_at.is_some() {
+        unsafe { pg_sys::GetCurrentTimestamp() }
+    } else {
+        0
+    };
+    let scopes_ok = policy::satisfies(found.scopes.as_deref(), requirement);
+    let status = policy::status(found.revoked_at, found.expires_at, now, scopes_ok);
+    if status == KeyStatus::Valid
+        && last_used_due(found.last_used_at)
+        && store::may_write_last_used()
+    {
+        store.touch_last_used(found.id);
     }
+    Verdict::Found(found, status)
 }
 
-/// The user id of an active key; NULL for anything else. Never raises for any text.
-#[pg_extern(security_definer, volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
-fn mk_verify(key: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> Option<pgrx::Uuid> {
-    match verify_key(fcinfo, key, false) {
-        Verdict::Found(found) if found.active => Some(found.user_id),
+/// `last_used_at` is NULL or older than the configured interval before now().
+fn last_used_due(last_used_at: Option<policy::Micros>) -> bool {
+    last_used_at.is_none_or(|last_used| {
+        let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+        let interval = i64::from(settings::last_used_interval_secs()) * 1_000_000;
+        last_used <= now - interval
+    })
+}
+
+fn verified_user(verdict: Verdict) -> Option<pgrx::Uuid> {
+    match verdict {
+        Verdict::Found(found, KeyStatus::Valid) => Some(found.user_id),
         _ => None,
     }
 }
 
-/// Always one row: why a key does or does not verify.
-// pgrx reads the column names from the literal return type.
-#[allow(clippy::type_complexity)]
+/// The user id of a live key; NULL for anything else. Never raises for any text.
 #[pg_extern(security_definer, volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
-fn mk_verify_detail(
+fn mk_verify(key: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> Option<pgrx::Uuid> {
+    verified_user(verify_key(fcinfo, key, Requirement::None, false))
+}
+
+/// Collects a `text[]` of required scopes; NULL stays "unknown".
+fn with_requirement<R>(
+    required_scopes: Option<Array<'_, &str>>,
+    f: impl FnOnce(Requirement<'_>) -> R,
+) -> R {
+    match required_scopes {
+        None => f(Requirement::Unknown),
+        Some(array) => {
+            let wanted: Vec<Option<&str>> = array.iter().collect();
+            f(Requirement::All(&wanted))
+        }
+    }
+}
+
+/// The user id of a live key that holds every scope in `required_scopes`;
+/// NULL for anything else. Never raises for any text.
+#[pg_extern(name = "mk_verify", security_definer, volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn mk_verify_scoped(
+    key: Option<&str>,
+    required_scopes: Option<Array<&str>>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> Option<pgrx::Uuid> {
+    with_requirement(required_scopes, |requirement| {
+        verified_user(verify_key(fcinfo, key, requirement, false))
+    })
+}
+
+type DetailRow = (
+    String,
+    Option<pgrx::Uuid>,
+    Option<pgrx::Uuid>,
+    Option<String>,
+    Option<String>,
+    Option<TimestampWithTimeZone>,
+    Option<TimestampWithTimeZone>,
+    Option<Vec<String>>,
+    Option<StoredJsonb>,
+);
+
+fn detail_row(verdict: Verdict) -> DetailRow {
+    let timestamp =
+        |t: Option<policy::Micros>| t.and_then(|t| TimestampWithTimeZone::try_from(t).ok());
+    match verdict {
+        Verdict::Malformed => (
+            "malformed".into(),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        ),
+        Verdict::NotFound => (
+            "not_found".into(),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        ),
+        Verdict::Found(found, status) => (
+            status.as_str().into(),
+            Some(found.id),
+            Some(found.user_id),
+            found.key_prefix,
+            found.name,
+            timestamp(found.expires_at),
+            timestamp(found.revoked_at),
+            found.scopes,
+            found.metadata,
+        ),
+    }
+}
+
+/// Always one row: why a key does or does not verify, and what it holds.
+// pgrx reads the column names from the literal return type.
+#[allow(clippy::type_complexity)]
+#[pg_extern(name = "mk_verify_detail", security_definer, volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn mk_verify_detail_v2(
     key: Option<&str>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> TableIterator<
@@ -158,23 +419,45 @@ fn mk_verify_detail(
         name!(user_id, Option<pgrx::Uuid>),
         name!(key_prefix, Option<String>),
         name!(name, Option<String>),
+        name!(expires_at, Option<TimestampWithTimeZone>),
+        name!(revoked_at, Option<TimestampWithTimeZone>),
+        name!(scopes, Option<Vec<String>>),
+        name!(metadata, Option<StoredJsonb>),
     ),
 > {
-    let row = match verify_key(fcinfo, key, true) {
-        Verdict::Malformed => ("malformed".to_owned(), None, None, None, None),
-        Verdict::NotFound => ("not_found".to_owned(), None, None, None, None),
-        Verdict::Found(found) => (
-            if found.active { "valid" } else { "revoked" }.to_owned(),
-            Some(found.id),
-            Some(found.user_id),
-            found.key_prefix,
-            found.name,
-        ),
-    };
+    TableIterator::once(detail_row(verify_key(fcinfo, key, Requirement::None, true)))
+}
+
+/// As `mk_verify_detail(key)`, with status `insufficient_scope` for a live
+/// key that lacks one of `required_scopes`.
+#[allow(clippy::type_complexity)]
+#[pg_extern(name = "mk_verify_detail", security_definer, volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn mk_verify_detail_scoped(
+    key: Option<&str>,
+    required_scopes: Option<Array<&str>>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> TableIterator<
+    'static,
+    (
+        name!(status, String),
+        name!(key_id, Option<pgrx::Uuid>),
+        name!(user_id, Option<pgrx::Uuid>),
+        name!(key_prefix, Option<String>),
+        name!(name, Option<String>),
+        name!(expires_at, Option<TimestampWithTimeZone>),
+        name!(revoked_at, Option<TimestampWithTimeZone>),
+        name!(scopes, Option<Vec<String>>),
+        name!(metadata, Option<StoredJsonb>),
+    ),
+> {
+    let row = with_requirement(required_scopes, |requirement| {
+        detail_row(verify_key(fcinfo, key, requirement, true))
+    });
     TableIterator::once(row)
 }
 
-/// True when this call revoked an active key, false when it was already revoked.
+/// True when this call ended a live key, false when it had already ended.
 #[pg_extern(security_definer, volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn mk_revoke(id: Option<pgrx::Uuid>, fcinfo: pg_sys::FunctionCallInfo) -> bool {
@@ -182,13 +465,27 @@ fn mk_revoke(id: Option<pgrx::Uuid>, fcinfo: pg_sys::FunctionCallInfo) -> bool {
     result.unwrap_or_else(|e| e.raise("mk_revoke"))
 }
 
-/// Revokes every active key of a user; returns how many this call revoked.
+/// Ends every live key of a user; returns how many this call ended.
 #[pg_extern(security_definer, volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn mk_revoke_user_keys(user_id: Option<pgrx::Uuid>, fcinfo: pg_sys::FunctionCallInfo) -> i32 {
     let result = required(user_id, "user_id")
-        .map(|user_id| unsafe { Store::for_call(fcinfo) }.revoke_user_keys(user_id));
+        .map(|user_id| unsafe { Store::for_call(fcinfo) }.end_user_keys(user_id, None));
     result.unwrap_or_else(|e| e.raise("mk_revoke_user_keys"))
+}
+
+/// Ends the live key whose plaintext is `key` (a leaked key reported by a
+/// secret scanner). False for anything else, and never an error: the answer
+/// says nothing about keys that merely resemble `key`.
+#[pg_extern(security_definer, volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn mk_revoke_key(key: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> bool {
+    match key {
+        Some(key) if key_format::shape(key) != KeyShape::Malformed => {
+            unsafe { Store::for_call(fcinfo) }.revoke_by_hash(&hash_key(key))
+        }
+        _ => false,
+    }
 }
 
 /// The `key_hash` stored for a key: lower-case hex SHA-256 of its UTF-8 bytes.
@@ -201,4 +498,79 @@ fn mk_hash_key(key: &str) -> String {
 #[pg_extern(immutable, strict, parallel_safe)]
 fn mk_key_is_well_formed(key: &str) -> bool {
     key_format::is_well_formed(key)
+}
+
+/// The 0.1.0 C symbols whose SQL signatures changed in 0.2.0. A database at
+/// 0.1.0 calls them until ALTER EXTENSION makima_keys UPDATE; they keep the
+/// 0.1.0 arguments and result columns and use only the 0.1.0 columns.
+mod v0_1_0 {
+    use super::*;
+
+    #[pg_extern(sql = false)]
+    fn mk_issue_key(
+        user_id: Option<pgrx::Uuid>,
+        name: Option<&str>,
+        fcinfo: pg_sys::FunctionCallInfo,
+    ) -> TableIterator<
+        'static,
+        (
+            name!(id, pgrx::Uuid),
+            name!(key, String),
+            name!(key_prefix, String),
+            name!(created_at, TimestampWithTimeZone),
+        ),
+    > {
+        let result = required(user_id, "user_id").and_then(|user_id| {
+            check_name(name)?;
+            issue(
+                &unsafe { Store::for_call(fcinfo) },
+                user_id,
+                plain_key(name),
+            )
+        });
+        result.unwrap_or_else(|e| e.raise("mk_issue_key"))
+    }
+
+    #[pg_extern(sql = false)]
+    fn mk_rotate_key(
+        user_id: Option<pgrx::Uuid>,
+        name: Option<&str>,
+        fcinfo: pg_sys::FunctionCallInfo,
+    ) -> TableIterator<
+        'static,
+        (
+            name!(id, pgrx::Uuid),
+            name!(key, String),
+            name!(key_prefix, String),
+            name!(created_at, TimestampWithTimeZone),
+        ),
+    > {
+        let result = required(user_id, "user_id").and_then(|user_id| {
+            check_name(name)?;
+            let store = unsafe { Store::for_call(fcinfo) };
+            store.end_user_keys(user_id, None);
+            issue(&store, user_id, plain_key(name))
+        });
+        result.unwrap_or_else(|e| e.raise("mk_rotate_key"))
+    }
+
+    #[allow(clippy::type_complexity)]
+    #[pg_extern(sql = false)]
+    fn mk_verify_detail(
+        key: Option<&str>,
+        fcinfo: pg_sys::FunctionCallInfo,
+    ) -> TableIterator<
+        'static,
+        (
+            name!(status, String),
+            name!(key_id, Option<pgrx::Uuid>),
+            name!(user_id, Option<pgrx::Uuid>),
+            name!(key_prefix, Option<String>),
+            name!(name, Option<String>),
+        ),
+    > {
+        let (status, key_id, user_id, key_prefix, name, ..) =
+            detail_row(verify_key(fcinfo, key, Requirement::None, true));
+        TableIterator::once((status, key_id, user_id, key_prefix, name))
+    }
 }

@@ -22,6 +22,27 @@ pub enum KeyError {
 
     #[error("the operating system's random number generator failed")]
     RandomnessUnavailable,
+
+    #[error("{argument} must be a positive interval")]
+    NotPositive { argument: &'static str },
+
+    #[error("{argument} must not be negative")]
+    Negative { argument: &'static str },
+
+    #[error("scopes must not contain NULL")]
+    NullScope,
+
+    #[error("scope {position} is not a valid scope name")]
+    InvalidScope { position: usize },
+
+    #[error("a key may hold at most {limit} scopes; {count} were given")]
+    TooManyScopes { count: usize, limit: usize },
+
+    #[error("metadata must be a JSON object, not {found}")]
+    MetadataNotObject { found: String },
+
+    #[error("metadata is {size} bytes; the limit is {limit}")]
+    MetadataTooLarge { size: usize, limit: usize },
 }
 
 impl KeyError {
@@ -32,6 +53,13 @@ impl KeyError {
             KeyError::NameTooLong { .. } => PgSqlErrorCode::ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
             KeyError::KeyNotFound { .. } => PgSqlErrorCode::ERRCODE_NO_DATA_FOUND,
             KeyError::RandomnessUnavailable => PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+            KeyError::NullScope => PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            KeyError::NotPositive { .. }
+            | KeyError::Negative { .. }
+            | KeyError::InvalidScope { .. }
+            | KeyError::TooManyScopes { .. }
+            | KeyError::MetadataNotObject { .. } => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            KeyError::MetadataTooLarge { .. } => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
         }
     }
 
@@ -42,6 +70,10 @@ impl KeyError {
             ),
             KeyError::KeyNotFound { .. } => Some("List keys with: SELECT id, key_prefix FROM api_keys."),
             KeyError::RandomnessUnavailable => Some("No key was issued. Check the server's entropy source."),
+            KeyError::InvalidScope { .. } => Some(
+                "A scope is 1 to 64 characters with no whitespace or control characters, e.g. 'read' or 'billing:write'.",
+            ),
+            KeyError::MetadataNotObject { .. } => Some("Pass an object, e.g. '{\"team\": \"ops\"}'::jsonb."),
             _ => None,
         }
     }

@@ -11,13 +11,15 @@ use std::ffi::CStr;
 
 use pgrx::prelude::*;
 
-use crate::store::FoundKey;
+use crate::jsonb::StoredJsonb;
+use crate::store::{FoundKey, Reading};
 
 const TABLE: &CStr = c"api_keys";
 const HASH_INDEX: &CStr = c"idx_api_keys_key_hash_unique";
 
 /// Column positions (0-based) in `api_keys`, found by name: an adopted table
-/// may have extra columns, and dropped columns leave gaps.
+/// may have extra columns, and dropped columns leave gaps. The 0.2.0 columns
+/// are missing while a database is still at 0.1.0 with this library loaded.
 struct Columns {
     id: usize,
     user_id: usize,
@@ -26,25 +28,32 @@ struct Columns {
     name: usize,
     last_used_at: usize,
     revoked_at: usize,
+    expires_at: Option<usize>,
+    scopes: Option<usize>,
+    metadata: Option<usize>,
 }
 
 unsafe fn columns(tupdesc: pg_sys::TupleDesc) -> Option<Columns> {
     let natts = (*tupdesc).natts as usize;
     let attrs = (*tupdesc).attrs.as_slice(natts);
-    let find = |wanted: &str| {
+    let find = |wanted: &str, type_oid: pg_sys::Oid| {
         attrs.iter().position(|a| {
             !a.attisdropped
+                && a.atttypid == type_oid
                 && CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == wanted.as_bytes()
         })
     };
     Some(Columns {
-        id: find("id")?,
-        user_id: find("user_id")?,
-        key_hash: find("key_hash")?,
-        key_prefix: find("key_prefix")?,
-        name: find("name")?,
-        last_used_at: find("last_used_at")?,
-        revoked_at: find("revoked_at")?,
+        id: find("id", pg_sys::UUIDOID)?,
+        user_id: find("user_id", pg_sys::UUIDOID)?,
+        key_hash: find("key_hash", pg_sys::VARCHAROID)?,
+        key_prefix: find("key_prefix", pg_sys::VARCHAROID)?,
+        name: find("name", pg_sys::VARCHAROID)?,
+        last_used_at: find("last_used_at", pg_sys::TIMESTAMPTZOID)?,
+        revoked_at: find("revoked_at", pg_sys::TIMESTAMPTZOID)?,
+        expires_at: find("expires_at", pg_sys::TIMESTAMPTZOID),
+        scopes: find("scopes", pg_sys::TEXTARRAYOID),
+        metadata: find("metadata", pg_sys::JSONBOID),
     })
 }
 
@@ -56,8 +65,7 @@ unsafe fn columns(tupdesc: pg_sys::TupleDesc) -> Option<Columns> {
 pub fn find_by_hash(
     namespace: pg_sys::Oid,
     hash: &str,
-    last_used_interval_secs: f64,
-    with_labels: bool,
+    reading: Reading,
 ) -> Option<Option<FoundKey>> {
     unsafe {
         let heap_oid = pg_sys::get_relname_relid(TABLE.as_ptr(), namespace);
@@ -69,16 +77,7 @@ pub fn find_by_hash(
         let heap = pg_sys::table_open(heap_oid, lock);
         let index = pg_sys::index_open(index_oid, lock);
         let usable = usable_columns(heap, heap_oid, index);
-        let found = usable.map(|cols| {
-            probe(
-                heap,
-                index,
-                &cols,
-                hash,
-                last_used_interval_secs,
-                with_labels,
-            )
-        });
+        let found = usable.map(|cols| probe(heap, index, &cols, hash, reading));
         // Like the executor, keep the locks until the end of the transaction.
         pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
         pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
@@ -113,8 +112,7 @@ unsafe fn probe(
     index: pg_sys::Relation,
     cols: &Columns,
     hash: &str,
-    last_used_interval_secs: f64,
-    with_labels: bool,
+    reading: Reading,
 ) -> Option<FoundKey> {
     // What SPI does before a statement in a volatile function.
     pg_sys::CommandCounterIncrement();
@@ -145,30 +143,9 @@ unsafe fn probe(
             }
             let values = std::slice::from_raw_parts((*slot).tts_values, natts);
             let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts);
-            let uuid = |i: usize| {
-                pgrx::Uuid::from_datum(values[i], nulls[i]).expect("uuid column is not null")
-            };
-            let text = |i: usize| {
-                if with_labels {
-                    String::from_datum(values[i], nulls[i])
-                } else {
-                    None
-                }
-            };
-            let last_used_due = nulls[cols.last_used_at] || {
-                // now() is the transaction start; timestamps are microseconds.
-                let now = pg_sys::GetCurrentTransactionStartTimestamp();
-                let last_used = values[cols.last_used_at].value() as i64;
-                last_used <= now - (last_used_interval_secs * 1e6) as i64
-            };
-            Some(FoundKey {
-                id: uuid(cols.id),
-                user_id: uuid(cols.user_id),
-                key_prefix: text(cols.key_prefix),
-                name: text(cols.name),
-                active: nulls[cols.revoked_at],
-                last_used_due,
-            })
+            // Values are read (and copied where by reference) while the
+            // tuple is pinned and the snapshot is active.
+            Some(read_row(values, nulls, cols, reading))
         } else {
             None
         };
@@ -177,4 +154,41 @@ unsafe fn probe(
     pg_sys::index_endscan(scan);
     pg_sys::PopActiveSnapshot();
     found
+}
+
+unsafe fn read_row(
+    values: &[pg_sys::Datum],
+    nulls: &[bool],
+    cols: &Columns,
+    reading: Reading,
+) -> FoundKey {
+    let uuid =
+        |i: usize| pgrx::Uuid::from_datum(values[i], nulls[i]).expect("uuid column is not null");
+    let timestamp = |i: usize| (!nulls[i]).then(|| values[i].value() as i64);
+    let text = |i: usize| {
+        if reading.labels {
+            String::from_datum(values[i], nulls[i])
+        } else {
+            None
+        }
+    };
+    let scopes = cols.scopes.filter(|_| reading.scopes).and_then(|i| {
+        Vec::<Option<String>>::from_datum(values[i], nulls[i])
+            .map(|held| held.into_iter().flatten().collect())
+    });
+    let metadata = cols
+        .metadata
+        .filter(|_| reading.labels)
+        .and_then(|i| StoredJsonb::from_datum(values[i], nulls[i]));
+    FoundKey {
+        id: uuid(cols.id),
+        user_id: uuid(cols.user_id),
+        key_prefix: text(cols.key_prefix),
+        name: text(cols.name),
+        last_used_at: timestamp(cols.last_used_at),
+        revoked_at: timestamp(cols.revoked_at),
+        expires_at: cols.expires_at.and_then(timestamp),
+        scopes,
+        metadata,
+    }
 }

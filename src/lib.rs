@@ -9,7 +9,9 @@ pub mod api;
 pub mod error;
 pub mod hashing;
 pub mod index_probe;
+pub mod jsonb;
 pub mod key_format;
+pub mod policy;
 pub mod settings;
 pub mod store;
 
@@ -17,6 +19,12 @@ pub mod store;
 
 // The table, its indexes and the adoption of a pre-existing makima table.
 extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+// The 0.2.0 columns and the mk_keys view; the upgrade script runs the same block.
+extension_sql_file!(
+    "../sql/schema_0_2_0.sql",
+    name = "schema_0_2_0",
+    requires = ["bootstrap"]
+);
 // Privileges, once every function exists.
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 

@@ -397,7 +397,7 @@ fn definer_functions_pin_search_path() {
         "SELECT count(*) FROM pg_proc WHERE prosecdef AND proname LIKE 'mk\\_%'",
     )
     .unwrap();
-    assert_eq!(definers, Some(6));
+    assert_eq!(definers, Some(9));
 }
 
 #[pg_test]
@@ -413,4 +413,368 @@ fn verification_falls_back_to_sql_without_the_hash_index() {
     Spi::run_with_args("SELECT mk_revoke($1)", &[id.into()]).unwrap();
     assert_eq!(verify(&key), None);
     assert_eq!(status(Some(&key)), "revoked");
+}
+
+// ---- 0.2.0: expiry, grace, scopes, metadata, revocation by plaintext, listing
+
+/// Runs a query that returns one boolean.
+fn check(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> bool {
+    Spi::get_one_with_args::<bool>(sql, args)
+        .unwrap()
+        .unwrap_or(false)
+}
+
+fn issue_with(user: pgrx::Uuid, options: &str) -> (pgrx::Uuid, String) {
+    let (id, key) = Spi::get_two_with_args::<pgrx::Uuid, String>(
+        &format!("SELECT id, key FROM mk_issue_key($1, {options})"),
+        &[user.into()],
+    )
+    .unwrap();
+    (id.unwrap(), key.unwrap())
+}
+
+fn scoped(key: &str, required: &str) -> Option<pgrx::Uuid> {
+    Spi::get_one_with_args::<pgrx::Uuid>(
+        &format!("SELECT mk_verify($1, {required})"),
+        &[key.into()],
+    )
+    .unwrap()
+}
+
+fn scoped_status(key: &str, required: &str) -> String {
+    Spi::get_one_with_args::<String>(
+        &format!("SELECT status FROM mk_verify_detail($1, {required})"),
+        &[key.into()],
+    )
+    .unwrap()
+    .unwrap()
+}
+
+#[pg_test]
+fn issue_options_are_stored() {
+    let user = new_user();
+    let (id, _) = issue_with(
+        user,
+        "name => 'ci', expires_in => '30 days', scopes => '{read,write,read}',
+         metadata => '{\"n\": 12345678901234567890.123456789012345678901, \"team\": \"ops\"}'",
+    );
+    assert!(check(
+        "SELECT expires_at = created_at + interval '30 days'
+            AND scopes = '{read,write}'
+            AND metadata::text = '{\"n\": 12345678901234567890.123456789012345678901, \"team\": \"ops\"}'
+            AND name = 'ci'
+           FROM api_keys WHERE id = $1",
+        &[id.into()],
+    ));
+    // Nothing given: the 0.1.0 row, with the new columns NULL.
+    let (plain, _) = issue(new_user());
+    assert!(check(
+        "SELECT expires_at IS NULL AND scopes IS NULL AND metadata IS NULL FROM api_keys WHERE id = $1",
+        &[plain.into()],
+    ));
+}
+
+#[pg_test]
+fn issue_option_errors_have_their_sqlstates() {
+    let user = new_user();
+    let call = |options: &str| sqlstate(&format!("SELECT mk_issue_key('{user}', {options})"));
+    assert_eq!(call("expires_in => '0'"), "22023");
+    assert_eq!(call("expires_in => '-1 day'"), "22023");
+    assert_eq!(call("expires_in => '1 month -40 days'"), "22023");
+    assert_eq!(call("scopes => '{read,NULL}'"), "22004");
+    assert_eq!(call("scopes => '{\"\"}'"), "22023");
+    assert_eq!(call("scopes => '{\"read write\"}'"), "22023");
+    assert_eq!(call(&format!("scopes => '{{{}}}'", "x".repeat(65))), "22023");
+    assert_eq!(
+        call("scopes => (SELECT array_agg('s' || i) FROM generate_series(1, 65) i)"),
+        "22023"
+    );
+    assert_eq!(call("metadata => '[1]'"), "22023");
+    assert_eq!(call("metadata => '\"text\"'"), "22023");
+    assert_eq!(call("metadata => 'null'"), "22023");
+    assert_eq!(
+        call("metadata => jsonb_build_object('x', repeat('a', 9000))"),
+        "54000"
+    );
+    assert_eq!(
+        sqlstate(&format!("SELECT mk_rotate_key('{user}', grace => '-1 second')")),
+        "22023"
+    );
+    // No error left a row behind.
+    assert!(check(
+        "SELECT count(*) = 0 FROM api_keys WHERE user_id = $1",
+        &[user.into()]
+    ));
+    // The message names the problem, not the value.
+    let message = error_message(&format!(
+        "SELECT mk_issue_key('{user}', scopes => '{{\"secret scope\"}}')"
+    ));
+    assert!(message.contains("scope 1"), "{message}");
+    assert!(!message.contains("secret"), "{message}");
+}
+
+#[pg_test]
+fn expired_keys_fail_with_status_expired() {
+    let user = new_user();
+    let (id, key) = issue_with(user, "expires_in => '1 hour'");
+    assert_eq!(verify(&key), Some(user));
+    assert_eq!(status(Some(&key)), "valid");
+    // Expiry is read from the clock, not from the transaction start.
+    Spi::run_with_args(
+        "UPDATE api_keys SET expires_at = clock_timestamp() + interval '50 ms' WHERE id = $1",
+        &[id.into()],
+    )
+    .unwrap();
+    assert_eq!(verify(&key), Some(user));
+    Spi::run("SELECT pg_sleep(0.1)").unwrap();
+    assert_eq!(verify(&key), None);
+    assert_eq!(scoped(&key, "'{}'"), None);
+    assert_eq!(status(Some(&key)), "expired");
+    // Revoked beats expired.
+    Spi::run_with_args("SELECT mk_revoke($1)", &[id.into()]).unwrap();
+    assert_eq!(status(Some(&key)), "revoked");
+    assert!(check(
+        "SELECT status = 'revoked' FROM mk_keys WHERE id = $1",
+        &[id.into()]
+    ));
+}
+
+#[pg_test]
+fn rotation_with_grace_keeps_the_old_key_until_the_grace_ends() {
+    let user = new_user();
+    let (old_id, old_key) = issue(user);
+    let (new_id, new_key) = Spi::get_two_with_args::<pgrx::Uuid, String>(
+        "SELECT id, key FROM mk_rotate_key($1, grace => '1 hour')",
+        &[user.into()],
+    )
+    .unwrap();
+    let (new_id, new_key) = (new_id.unwrap(), new_key.unwrap());
+    assert_eq!(verify(&old_key), Some(user));
+    assert_eq!(verify(&new_key), Some(user));
+    // The old row's revoked_at is the end of the grace period, so the seed's
+    // one-active-key index sees one active key: the new one.
+    assert!(check(
+        "SELECT array_agg(id) = ARRAY[$2] FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL",
+        &[user.into(), new_id.into()],
+    ));
+    assert!(check(
+        "SELECT status = 'valid' AND revoked_at = now() + interval '1 hour'
+           FROM mk_verify_detail($1)",
+        &[old_key.as_str().into()],
+    ));
+    // The grace period ends.
+    Spi::run_with_args(
+        "UPDATE api_keys SET revoked_at = clock_timestamp() WHERE id = $1",
+        &[old_id.into()],
+    )
+    .unwrap();
+    assert_eq!(verify(&old_key), None);
+    assert_eq!(status(Some(&old_key)), "revoked");
+    assert_eq!(verify(&new_key), Some(user));
+}
+
+#[pg_test]
+fn a_key_in_its_grace_period_can_still_be_revoked_at_once() {
+    let user = new_user();
+    let (old_id, old_key) = issue(user);
+    Spi::run_with_args("SELECT mk_rotate_key($1, grace => '1 day')", &[user.into()]).unwrap();
+    assert!(check("SELECT mk_revoke($1)", &[old_id.into()]));
+    assert_eq!(verify(&old_key), None);
+    assert!(!check("SELECT mk_revoke($1)", &[old_id.into()]));
+
+    // A user-wide revoke ends the active key and the one in grace: 2.
+    let (_, grace_key) = issue(new_user());
+    let other = Spi::get_one_with_args::<pgrx::Uuid>(
+        "SELECT user_id FROM api_keys WHERE key_hash = mk_hash_key($1)",
+        &[grace_key.as_str().into()],
+    )
+    .unwrap()
+    .unwrap();
+    Spi::run_with_args("SELECT mk_rotate_key($1, grace => '1 day')", &[other.into()]).unwrap();
+    let ended =
+        Spi::get_one_with_args::<i32>("SELECT mk_revoke_user_keys($1)", &[other.into()]).unwrap();
+    assert_eq!(ended, Some(2));
+    assert_eq!(verify(&grace_key), None);
+
+    // Rotating without grace ends a key still in grace, too.
+    let third = new_user();
+    let (_, first) = issue(third);
+    Spi::run_with_args("SELECT mk_rotate_key($1, grace => '1 day')", &[third.into()]).unwrap();
+    Spi::run_with_args("SELECT mk_rotate_key($1)", &[third.into()]).unwrap();
+    assert_eq!(verify(&first), None);
+    assert!(check(
+        "SELECT count(*) = 1 FROM mk_keys WHERE user_id = $1 AND status = 'valid'",
+        &[third.into()],
+    ));
+}
+
+#[pg_test]
+fn rotation_never_widens_a_key() {
+    let user = new_user();
+    issue_with(
+        user,
+        "expires_in => '7 days', scopes => '{read}', metadata => '{\"team\": \"ops\"}'",
+    );
+    let (id, _) = Spi::get_two_with_args::<pgrx::Uuid, String>(
+        "SELECT id, key FROM mk_rotate_key($1, 'next')",
+        &[user.into()],
+    )
+    .unwrap();
+    assert!(check(
+        "SELECT scopes = '{read}' AND metadata = '{\"team\": \"ops\"}'
+            AND expires_at = now() + interval '7 days' AND name = 'next'
+           FROM api_keys WHERE id = $1",
+        &[id.unwrap().into()],
+    ));
+    // Given options win.
+    let (id, _) = Spi::get_two_with_args::<pgrx::Uuid, String>(
+        "SELECT id, key FROM mk_rotate_key($1, scopes => '{write}', metadata => '{}', expires_in => '1 day')",
+        &[user.into()],
+    )
+    .unwrap();
+    assert!(check(
+        "SELECT scopes = '{write}' AND metadata = '{}' AND expires_at = now() + interval '1 day'
+           FROM api_keys WHERE id = $1",
+        &[id.unwrap().into()],
+    ));
+}
+
+#[pg_test]
+fn scopes_restrict_what_a_key_verifies_for() {
+    let user = new_user();
+    let (_, rw) = issue_with(user, "scopes => '{read,write}'");
+    assert_eq!(scoped(&rw, "'{read}'"), Some(user));
+    assert_eq!(scoped(&rw, "'{read,write}'"), Some(user));
+    assert_eq!(scoped(&rw, "'{}'"), Some(user));
+    assert_eq!(scoped(&rw, "'{admin}'"), None);
+    assert_eq!(scoped(&rw, "'{read,admin}'"), None);
+    assert_eq!(scoped(&rw, "'{READ}'"), None);
+    assert_eq!(scoped(&rw, "NULL"), None);
+    assert_eq!(scoped(&rw, "'{read,NULL}'"), None);
+    assert_eq!(scoped_status(&rw, "'{admin}'"), "insufficient_scope");
+    assert_eq!(scoped_status(&rw, "NULL"), "insufficient_scope");
+    assert_eq!(scoped_status(&rw, "'{read}'"), "valid");
+    // The one-argument forms do not look at scopes.
+    assert_eq!(verify(&rw), Some(user));
+    assert_eq!(status(Some(&rw)), "valid");
+
+    // No scopes list: unrestricted. An empty list: holds nothing.
+    let (_, unrestricted) = issue(new_user());
+    assert!(scoped(&unrestricted, "'{admin,anything}'").is_some());
+    let (_, nothing) = issue_with(new_user(), "scopes => '{}'");
+    assert_eq!(scoped(&nothing, "'{read}'"), None);
+    assert!(scoped(&nothing, "'{}'").is_some());
+
+    // Malformed and unknown keys keep their statuses in the scoped form.
+    assert_eq!(scoped_status("", "'{read}'"), "malformed");
+    assert_eq!(scoped_status("not-ours", "'{read}'"), "not_found");
+
+    // mk_verify_detail shows what the key holds.
+    assert!(check(
+        "SELECT scopes = '{read,write}' AND metadata IS NULL AND expires_at IS NULL AND revoked_at IS NULL
+           FROM mk_verify_detail($1, '{admin}')",
+        &[rw.as_str().into()],
+    ));
+}
+
+#[pg_test]
+fn a_scoped_verification_that_fails_does_not_touch_last_used_at() {
+    let (id, key) = issue_with(new_user(), "scopes => '{read}'");
+    assert_eq!(scoped(&key, "'{write}'"), None);
+    assert!(check(
+        "SELECT last_used_at IS NULL FROM api_keys WHERE id = $1",
+        &[id.into()]
+    ));
+    assert!(scoped(&key, "'{read}'").is_some());
+    assert!(check(
+        "SELECT last_used_at IS NOT NULL FROM api_keys WHERE id = $1",
+        &[id.into()]
+    ));
+}
+
+#[pg_test]
+fn revoke_key_takes_the_plaintext_and_reveals_nothing_else() {
+    let user = new_user();
+    let (id, key) = issue(user);
+    let (_, bystander) = issue(new_user());
+    let mut near = key.clone().into_bytes();
+    near[10] = if near[10] == b'a' { b'b' } else { b'a' };
+    let near = String::from_utf8(near).unwrap();
+    for junk in [
+        "NULL".to_owned(),
+        "''".to_owned(),
+        format!("'{near}'"),
+        format!("'{}'", &key[..51]),
+        format!("repeat('x', {})", 5000),
+        "'not-a-makima-key'".to_owned(),
+    ] {
+        assert_eq!(
+            sqlstate(&format!("SELECT mk_revoke_key({junk})")),
+            "00000",
+            "{junk}"
+        );
+        assert!(!check(&format!("SELECT mk_revoke_key({junk})"), &[]), "{junk}");
+    }
+    assert_eq!(verify(&key), Some(user));
+    assert!(check("SELECT mk_revoke_key($1)", &[key.as_str().into()]));
+    assert!(!check("SELECT mk_revoke_key($1)", &[key.as_str().into()]));
+    assert_eq!(verify(&key), None);
+    assert!(check(
+        "SELECT revoked_at = now() FROM api_keys WHERE id = $1",
+        &[id.into()]
+    ));
+    assert!(verify(&bystander).is_some());
+}
+
+#[pg_test]
+fn mk_keys_lists_keys_without_their_hashes() {
+    let user = new_user();
+    let (id, _) = issue_with(user, "name => 'ci', scopes => '{read}', metadata => '{\"a\": 1}'");
+    let columns = Spi::get_one::<String>(
+        "SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute
+          WHERE attrelid = 'mk_keys'::regclass AND attnum > 0",
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        columns,
+        "id,user_id,key_prefix,name,created_at,last_used_at,expires_at,revoked_at,scopes,metadata,status"
+    );
+    assert!(check(
+        "SELECT k.status = 'valid' AND k.name = 'ci' AND k.scopes = '{read}' AND k.metadata = '{\"a\": 1}'
+            AND k.key_prefix = a.key_prefix
+           FROM mk_keys k JOIN api_keys a USING (id) WHERE k.id = $1",
+        &[id.into()],
+    ));
+    // Nobody but the owner may read it until granted.
+    assert!(check(
+        "SELECT NOT has_table_privilege('public', 'mk_keys', 'SELECT')",
+        &[]
+    ));
+}
+
+#[pg_test]
+fn the_sql_fallback_applies_expiry_grace_and_scopes_too() {
+    let user = new_user();
+    let (_, key) = issue_with(user, "scopes => '{read}', metadata => '{\"a\": 1}'");
+    let expiring_user = new_user();
+    let (expiring_id, expiring) = issue(expiring_user);
+    Spi::run("DROP INDEX idx_api_keys_key_hash_unique").unwrap();
+    assert_eq!(scoped(&key, "'{read}'"), Some(user));
+    assert_eq!(scoped(&key, "'{write}'"), None);
+    assert_eq!(scoped_status(&key, "'{write}'"), "insufficient_scope");
+    assert!(check(
+        "SELECT scopes = '{read}' AND metadata = '{\"a\": 1}' FROM mk_verify_detail($1)",
+        &[key.as_str().into()],
+    ));
+    Spi::run_with_args(
+        "UPDATE api_keys SET expires_at = clock_timestamp() WHERE id = $1",
+        &[expiring_id.into()],
+    )
+    .unwrap();
+    assert_eq!(verify(&expiring), None);
+    assert_eq!(status(Some(&expiring)), "expired");
+    let (old_key, _) = (key.clone(), ());
+    Spi::run_with_args("SELECT mk_rotate_key($1, grace => '1 hour')", &[user.into()]).unwrap();
+    assert_eq!(verify(&old_key), Some(user));
 }

@@ -3,31 +3,75 @@
 //! Every statement names the table with its schema: our functions run with
 //! `search_path = pg_catalog, pg_temp`, so an unqualified name could resolve
 //! to a caller's temporary table. Values are always bound parameters.
+//!
+//! Kept plans use only the 0.1.0 columns, because this library also serves
+//! databases still at 0.1.0 (between installing the package and ALTER
+//! EXTENSION UPDATE). Statements that need the 0.2.0 columns are prepared
+//! when used, by 0.2.0 functions only.
 
 use std::cell::RefCell;
 
 use pgrx::datum::DatumWithOid;
 use pgrx::oids_of;
 use pgrx::prelude::*;
-use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiHeapTupleData};
 
 use crate::error::{KeyError, KeyResult};
 use crate::index_probe;
+use crate::jsonb::StoredJsonb;
+use crate::policy::Micros;
 
-/// What a lookup by hash found.
+/// Channel of the revocation events; the payload is the key id.
+pub const REVOKED_CHANNEL: &str = "makima_keys_revoked";
+
+/// What a lookup should read beyond the columns every verification needs.
+#[derive(Debug, Clone, Copy)]
+pub struct Reading {
+    /// `key_prefix`, `name` and `metadata`, which only mk_verify_detail shows.
+    pub labels: bool,
+    /// `scopes`, for the forms that take required scopes.
+    pub scopes: bool,
+}
+
+/// A row found by hash. Timestamps are PostgreSQL's microseconds.
 pub struct FoundKey {
     pub id: pgrx::Uuid,
     pub user_id: pgrx::Uuid,
     pub key_prefix: Option<String>,
     pub name: Option<String>,
-    pub active: bool,
-    /// `last_used_at` is NULL or older than the interval passed to the lookup.
-    pub last_used_due: bool,
+    pub last_used_at: Option<Micros>,
+    pub revoked_at: Option<Micros>,
+    pub expires_at: Option<Micros>,
+    /// Read only when asked for; `None` also means "unrestricted".
+    pub scopes: Option<Vec<String>>,
+    pub metadata: Option<StoredJsonb>,
 }
 
 pub struct IssuedRow {
     pub id: pgrx::Uuid,
     pub created_at: TimestampWithTimeZone,
+}
+
+/// What a new key carries besides its hash and prefix (0.2.0 options).
+pub struct NewKey<'a> {
+    pub name: Option<&'a str>,
+    pub expires_at: Option<TimestampWithTimeZone>,
+    pub scopes: Option<Vec<String>>,
+    pub metadata: Option<StoredJsonb>,
+}
+
+impl NewKey<'_> {
+    fn has_options(&self) -> bool {
+        self.expires_at.is_some() || self.scopes.is_some() || self.metadata.is_some()
+    }
+}
+
+/// The user's active key, as a rotation inherits from it.
+pub struct ActiveKey {
+    pub scopes: Option<Vec<String>>,
+    pub metadata: Option<StoredJsonb>,
+    /// `expires_at - created_at`, when it expires.
+    pub lifetime: Option<Micros>,
 }
 
 /// Plans kept for the life of the backend: the last_used_at write, issuing,
@@ -42,6 +86,9 @@ struct KeptPlans {
 thread_local! {
     static KEPT_PLANS: RefCell<Option<KeptPlans>> = const { RefCell::new(None) };
 }
+
+/// A live key: not revoked, or revoked with a date still ahead (grace period).
+const LIVE: &str = "(revoked_at IS NULL OR revoked_at > pg_catalog.clock_timestamp())";
 
 /// `api_keys` in the schema of the calling function, which is the
 /// extension's schema because the extension is not relocatable.
@@ -59,8 +106,9 @@ impl Store {
     }
 
     /// `template` with `{api_keys}` replaced by the quoted, schema-qualified
-    /// table name. Not on the verify path, which probes the index directly
-    /// and only prepares the kept plans on its first write or fallback.
+    /// table name and `{live}` by the live-key condition. Not on the verify
+    /// path, which probes the index directly and only prepares the kept
+    /// plans on its first write or fallback.
     fn sql(&self, template: &str) -> String {
         let schema =
             unsafe { std::ffi::CStr::from_ptr(pg_sys::get_namespace_name(self.namespace)) };
@@ -68,7 +116,9 @@ impl Store {
             "{}.api_keys",
             pgrx::spi::quote_identifier(schema.to_string_lossy())
         );
-        template.replace("{api_keys}", &table)
+        template
+            .replace("{api_keys}", &table)
+            .replace("{live}", LIVE)
     }
 
     fn with_kept_plans<R>(
@@ -79,19 +129,11 @@ impl Store {
         KEPT_PLANS.with(|cell| {
             let mut kept = cell.borrow_mut();
             if kept.as_ref().map(|p| p.namespace) != Some(self.namespace) {
+                // k.*: the 0.2.0 columns when they exist, read by name.
                 let lookup = client
                     .prepare(
-                        &self.sql(
-                            "SELECT id, user_id, key_prefix::text, name::text,
-                                    revoked_at IS NULL,
-                                    last_used_at IS NULL
-                                      OR last_used_at <= pg_catalog.now()
-                                         - pg_catalog.make_interval(secs => $2)
-                               FROM {api_keys}
-                              WHERE key_hash = $1
-                              LIMIT 1",
-                        ),
-                        &oids_of![String, f64],
+                        &self.sql("SELECT k.* FROM {api_keys} k WHERE k.key_hash = $1 LIMIT 1"),
+                        &oids_of![String],
                     )
                     .expect("prepare key lookup")
                     .keep();
@@ -102,7 +144,7 @@ impl Store {
                         &self.sql(
                             "UPDATE {api_keys} SET last_used_at = pg_catalog.now()
                               WHERE id = (SELECT id FROM {api_keys}
-                                           WHERE id = $1 AND revoked_at IS NULL
+                                           WHERE id = $1 AND {live}
                                            FOR NO KEY UPDATE SKIP LOCKED)",
                         ),
                         &oids_of![pgrx::Uuid],
@@ -132,39 +174,28 @@ impl Store {
         })
     }
 
-    /// Finds the row whose `key_hash` is `hash`, active or not. `with_labels`
-    /// also reads `key_prefix` and `name`, which only mk_verify_detail shows.
-    pub fn find_by_hash(
-        &self,
-        hash: &str,
-        last_used_interval_secs: f64,
-        with_labels: bool,
-    ) -> Option<FoundKey> {
-        if let Some(found) =
-            index_probe::find_by_hash(self.namespace, hash, last_used_interval_secs, with_labels)
-        {
+    /// Finds the row whose `key_hash` is `hash`, live or not.
+    pub fn find_by_hash(&self, hash: &str, reading: Reading) -> Option<FoundKey> {
+        if let Some(found) = index_probe::find_by_hash(self.namespace, hash, reading) {
             return found;
         }
         // The index is missing or not the one the install made: same answer
         // through the executor, only slower.
         Spi::connect_mut(|client| {
             self.with_kept_plans(client, |client, plans| {
-                let args: [DatumWithOid; 2] = [hash.into(), last_used_interval_secs.into()];
+                let args: [DatumWithOid; 1] = [hash.into()];
                 let table = client
                     .select(&plans.lookup, Some(1), &args)
                     .expect("key lookup");
                 if table.is_empty() {
                     return None;
                 }
-                let row = table.first();
-                Some(FoundKey {
-                    id: row.get(1).expect("id").expect("id is not null"),
-                    user_id: row.get(2).expect("user_id").expect("user_id is not null"),
-                    key_prefix: row.get(3).expect("key_prefix"),
-                    name: row.get(4).expect("name"),
-                    active: row.get(5).expect("active").unwrap_or(false),
-                    last_used_due: row.get(6).expect("due").unwrap_or(false),
-                })
+                let row = table
+                    .first()
+                    .get_heap_tuple()
+                    .expect("key row")
+                    .expect("a row");
+                Some(found_from_row(&row, reading))
             })
         })
     }
@@ -187,66 +218,120 @@ impl Store {
         user_id: pgrx::Uuid,
         key_hash: &str,
         key_prefix: &str,
-        name: Option<&str>,
+        new: NewKey<'_>,
     ) -> Option<IssuedRow> {
         Spi::connect_mut(|client| {
-            self.with_kept_plans(client, |client, plans| {
+            if new.has_options() {
+                let args: [DatumWithOid; 7] = [
+                    user_id.into(),
+                    key_hash.into(),
+                    key_prefix.into(),
+                    new.name.into(),
+                    new.expires_at.into(),
+                    new.scopes.into(),
+                    new.metadata.into(),
+                ];
+                let table = client
+                    .update(
+                        &self.sql(
+                            "INSERT INTO {api_keys}
+                                    (user_id, key_hash, key_prefix, name, expires_at, scopes, metadata)
+                             VALUES ($1, $2, $3, $4, $5, $6, $7)
+                             ON CONFLICT (user_id) WHERE revoked_at IS NULL DO NOTHING
+                             RETURNING id, created_at",
+                        ),
+                        None,
+                        &args,
+                    )
+                    .expect("insert key");
+                issued_row(table)
+            } else {
                 let args: [DatumWithOid; 4] = [
                     user_id.into(),
                     key_hash.into(),
                     key_prefix.into(),
-                    name.into(),
+                    new.name.into(),
                 ];
-                let table = client
-                    .update(&plans.insert, None, &args)
-                    .expect("insert key");
-                if table.is_empty() {
-                    return None;
-                }
-                let row = table.first();
-                Some(IssuedRow {
-                    id: row.get(1).expect("id").expect("id is not null"),
-                    created_at: row
-                        .get(2)
-                        .expect("created_at")
-                        .expect("created_at is not null"),
+                self.with_kept_plans(client, |client, plans| {
+                    issued_row(
+                        client
+                            .update(&plans.insert, None, &args)
+                            .expect("insert key"),
+                    )
                 })
-            })
+            }
         })
     }
 
-    /// Revokes every active key of `user_id`; returns how many this call revoked.
-    pub fn revoke_user_keys(&self, user_id: pgrx::Uuid) -> i32 {
+    /// The user's active key, locked against concurrent rotations. 0.2.0 only.
+    pub fn lock_active_key(&self, user_id: pgrx::Uuid) -> Option<ActiveKey> {
         Spi::connect_mut(|client| {
             let table = client
                 .update(
                     &self.sql(
-                        "UPDATE {api_keys} SET revoked_at = pg_catalog.now()
-                          WHERE user_id = $1 AND revoked_at IS NULL",
+                        "SELECT scopes, metadata, expires_at, created_at FROM {api_keys}
+                          WHERE user_id = $1 AND revoked_at IS NULL
+                          FOR NO KEY UPDATE",
                     ),
-                    None,
+                    Some(1),
                     &[user_id.into()],
                 )
-                .expect("revoke user keys");
-            i32::try_from(table.len()).unwrap_or(i32::MAX)
+                .expect("find active key");
+            if table.is_empty() {
+                return None;
+            }
+            let row = table.first();
+            let scopes: Option<Vec<Option<String>>> = row.get(1).expect("scopes");
+            let expires_at: Option<TimestampWithTimeZone> = row.get(3).expect("expires_at");
+            let created_at: Option<TimestampWithTimeZone> = row.get(4).expect("created_at");
+            Some(ActiveKey {
+                scopes: scopes.map(|s| s.into_iter().flatten().collect()),
+                metadata: row.get(2).expect("metadata"),
+                lifetime: expires_at
+                    .zip(created_at)
+                    .map(|(e, c)| pg_sys::TimestampTz::from(e) - pg_sys::TimestampTz::from(c)),
+            })
         })
     }
 
-    /// `Ok(true)` if this call revoked the key, `Ok(false)` if it was already revoked.
+    /// Ends every live key of `user_id`: at `now() + grace` for the active
+    /// key, and no later than that for keys already in a grace period.
+    /// Sends a revocation event for each; returns how many it ended.
+    pub fn end_user_keys(&self, user_id: pgrx::Uuid, grace: Option<Interval>) -> i32 {
+        let grace = grace.unwrap_or_else(|| Interval::from_micros(0));
+        Spi::connect_mut(|client| {
+            let table = client
+                .update(
+                    &self.sql(
+                        "UPDATE {api_keys}
+                            SET revoked_at = LEAST(COALESCE(revoked_at, 'infinity'),
+                                                   pg_catalog.now() + $2)
+                          WHERE user_id = $1 AND {live}
+                          RETURNING id",
+                    ),
+                    None,
+                    &[user_id.into(), grace.into()],
+                )
+                .expect("revoke user keys");
+            announce_revoked(table.map(|row| row.get::<pgrx::Uuid>(1)))
+        })
+    }
+
+    /// `Ok(true)` if this call ended a live key, `Ok(false)` if it had ended.
     pub fn revoke(&self, id: pgrx::Uuid) -> KeyResult<bool> {
         Spi::connect_mut(|client| {
             let revoked = client
                 .update(
                     &self.sql(
                         "UPDATE {api_keys} SET revoked_at = pg_catalog.now()
-                          WHERE id = $1 AND revoked_at IS NULL
+                          WHERE id = $1 AND {live}
                           RETURNING id",
                     ),
                     None,
                     &[id.into()],
                 )
                 .expect("revoke key");
-            if !revoked.is_empty() {
+            if announce_revoked(revoked.map(|row| row.get::<pgrx::Uuid>(1))) > 0 {
                 return Ok(true);
             }
             let exists = client
@@ -265,6 +350,80 @@ impl Store {
             }
         })
     }
+
+    /// Ends the live key stored under `hash`; true if there was one.
+    pub fn revoke_by_hash(&self, hash: &str) -> bool {
+        Spi::connect_mut(|client| {
+            let revoked = client
+                .update(
+                    &self.sql(
+                        "UPDATE {api_keys} SET revoked_at = pg_catalog.now()
+                          WHERE key_hash = $1 AND {live}
+                          RETURNING id",
+                    ),
+                    None,
+                    &[hash.into()],
+                )
+                .expect("revoke key by hash");
+            announce_revoked(revoked.map(|row| row.get::<pgrx::Uuid>(1))) > 0
+        })
+    }
+}
+
+/// The row an `INSERT ... ON CONFLICT DO NOTHING RETURNING id, created_at` made.
+fn issued_row(table: pgrx::spi::SpiTupleTable<'_>) -> Option<IssuedRow> {
+    if table.is_empty() {
+        return None;
+    }
+    let row = table.first();
+    Some(IssuedRow {
+        id: row.get(1).expect("id").expect("id is not null"),
+        created_at: row
+            .get(2)
+            .expect("created_at")
+            .expect("created_at is not null"),
+    })
+}
+
+/// A lookup row read by column name; 0.2.0 columns may be absent.
+fn found_from_row(row: &SpiHeapTupleData<'_>, reading: Reading) -> FoundKey {
+    fn optional<T: IntoDatum + FromDatum>(row: &SpiHeapTupleData<'_>, column: &str) -> Option<T> {
+        row.get_by_name::<T, _>(column).ok().flatten()
+    }
+    let micros = |column: &str| {
+        optional::<TimestampWithTimeZone>(row, column).map(pg_sys::TimestampTz::from)
+    };
+    FoundKey {
+        id: optional(row, "id").expect("id is not null"),
+        user_id: optional(row, "user_id").expect("user_id is not null"),
+        key_prefix: optional(row, "key_prefix").filter(|_| reading.labels),
+        name: optional(row, "name").filter(|_| reading.labels),
+        last_used_at: micros("last_used_at"),
+        revoked_at: micros("revoked_at"),
+        expires_at: micros("expires_at"),
+        scopes: optional::<Vec<Option<String>>>(row, "scopes")
+            .filter(|_| reading.scopes)
+            .map(|s| s.into_iter().flatten().collect()),
+        metadata: optional(row, "metadata").filter(|_| reading.labels),
+    }
+}
+
+/// Sends one `makima_keys_revoked` event per key id; PostgreSQL delivers
+/// them when (and only if) the transaction commits. Returns the count.
+fn announce_revoked(ids: impl Iterator<Item = pgrx::spi::SpiResult<Option<pgrx::Uuid>>>) -> i32 {
+    let mut count = 0;
+    for id in ids {
+        let id = id.expect("key id").expect("key id is not null");
+        let payload = crate::api::to_uuid(id).to_string();
+        unsafe {
+            pgrx::direct_function_call_as_datum(
+                pg_sys::pg_notify,
+                &[REVOKED_CHANNEL.into_datum(), payload.as_str().into_datum()],
+            );
+        }
+        count += 1;
+    }
+    count
 }
 
 /// Whether this transaction may write `last_used_at` without risking an
