@@ -221,14 +221,7 @@ fn mk_rotate_key_v2(
         let options = issue_options(name, expires_in, scopes, metadata)?;
         let grace = grace_period(grace)?;
         let store = unsafe { Store::for_call(fcinfo) };
-        let inherit =
-            options.expires_at.is_none() || options.scopes.is_none() || options.metadata.is_none();
-        let active = if inherit {
-            store.lock_active_key(user_id)
-        } else {
-            None
-        };
-        store.end_user_keys(user_id, grace);
+        let active = store.end_user_keys_inheriting(user_id, grace);
         let new = match active {
             None => NewKey {
                 name,

@@ -263,34 +263,55 @@ impl Store {
         })
     }
 
-    /// The user's active key, locked against concurrent rotations. 0.2.0 only.
-    pub fn lock_active_key(&self, user_id: pgrx::Uuid) -> Option<ActiveKey> {
+    /// Ends the user's live keys as [`Store::end_user_keys`] does, and returns
+    /// what the active one held, for the rotation to pass on. 0.2.0 only.
+    ///
+    /// One statement, so that two rotations racing behave as in 0.1.0: the
+    /// second waits for the first's row lock, then finds nothing live in its
+    /// snapshot, and its insert meets the first's new key (23505).
+    pub fn end_user_keys_inheriting(
+        &self,
+        user_id: pgrx::Uuid,
+        grace: Option<Interval>,
+    ) -> Option<ActiveKey> {
+        let grace = grace.unwrap_or_else(|| Interval::from_micros(0));
         Spi::connect_mut(|client| {
-            let table = client
+            // Joined to itself: `old` shows the row as it was before this update.
+            let ended = client
                 .update(
                     &self.sql(
-                        "SELECT scopes, metadata, expires_at, created_at FROM {api_keys}
-                          WHERE user_id = $1 AND revoked_at IS NULL
-                          FOR NO KEY UPDATE",
+                        "UPDATE {api_keys} k
+                            SET revoked_at = LEAST(COALESCE(k.revoked_at, 'infinity'),
+                                                   pg_catalog.now() + $2)
+                           FROM {api_keys} old
+                          WHERE old.id = k.id AND k.user_id = $1
+                            AND (k.revoked_at IS NULL OR k.revoked_at > pg_catalog.clock_timestamp())
+                          RETURNING k.id, old.revoked_at IS NULL, k.scopes, k.metadata,
+                                    k.expires_at, k.created_at",
                     ),
-                    Some(1),
-                    &[user_id.into()],
+                    None,
+                    &[user_id.into(), grace.into()],
                 )
-                .expect("find active key");
-            if table.is_empty() {
-                return None;
+                .expect("revoke user keys");
+            let mut active = None;
+            let mut ids = Vec::new();
+            for row in ended {
+                ids.push(row.get::<pgrx::Uuid>(1));
+                if row.get::<bool>(2).expect("was active") == Some(true) {
+                    let scopes: Option<Vec<Option<String>>> = row.get(3).expect("scopes");
+                    let expires_at: Option<TimestampWithTimeZone> = row.get(5).expect("expires_at");
+                    let created_at: Option<TimestampWithTimeZone> = row.get(6).expect("created_at");
+                    active = Some(ActiveKey {
+                        scopes: scopes.map(|s| s.into_iter().flatten().collect()),
+                        metadata: row.get(4).expect("metadata"),
+                        lifetime: expires_at.zip(created_at).map(|(e, c)| {
+                            pg_sys::TimestampTz::from(e) - pg_sys::TimestampTz::from(c)
+                        }),
+                    });
+                }
             }
-            let row = table.first();
-            let scopes: Option<Vec<Option<String>>> = row.get(1).expect("scopes");
-            let expires_at: Option<TimestampWithTimeZone> = row.get(3).expect("expires_at");
-            let created_at: Option<TimestampWithTimeZone> = row.get(4).expect("created_at");
-            Some(ActiveKey {
-                scopes: scopes.map(|s| s.into_iter().flatten().collect()),
-                metadata: row.get(2).expect("metadata"),
-                lifetime: expires_at
-                    .zip(created_at)
-                    .map(|(e, c)| pg_sys::TimestampTz::from(e) - pg_sys::TimestampTz::from(c)),
-            })
+            announce_revoked(ids.into_iter());
+            active
         })
     }
 

@@ -25,6 +25,15 @@ def test_every_key_verifies_after_dump_and_restore(db, new_db, tmp_path, fmt):
         rotated_away = keys[users[0]]
         keys[users[0]] = conn.execute("SELECT key FROM mk_rotate_key(%s)", (users[0],)).fetchone()[0]
         conn.execute("SELECT mk_verify(%s)", (keys[users[1]],))  # sets last_used_at
+        # 0.2.0 columns: scopes, metadata (numbers beyond double precision), expiry,
+        # and a key in its grace period after a rotation.
+        conn.execute("SELECT mk_revoke_user_keys(%s)", (users[3],))
+        keys[users[3]] = conn.execute(
+            "SELECT key FROM mk_issue_key(%s, expires_in => '1 day', scopes => '{read,write}',"
+            " metadata => '{\"n\": 12345678901234567890.12345678901234567890}')", (users[3],)).fetchone()[0]
+        in_grace = keys[users[4]]
+        keys[users[4]] = conn.execute("SELECT key FROM mk_rotate_key(%s, grace => '1 day')",
+                                      (users[4],)).fetchone()[0]
         before = conn.execute("SELECT * FROM api_keys ORDER BY id").fetchall()
 
     target = new_db()
@@ -41,6 +50,9 @@ def test_every_key_verifies_after_dump_and_restore(db, new_db, tmp_path, fmt):
         for user, key in keys.items():
             assert conn.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0] == user
         assert conn.execute("SELECT status FROM mk_verify_detail(%s)", (rotated_away,)).fetchone()[0] == "revoked"
+        assert conn.execute("SELECT mk_verify(%s)", (in_grace,)).fetchone()[0] == users[4]
+        assert conn.execute("SELECT mk_verify(%s, '{write}')", (keys[users[3]],)).fetchone()[0] == users[3]
+        assert conn.execute("SELECT mk_verify(%s, '{admin}')", (keys[users[3]],)).fetchone()[0] is None
         # The rules come with the extension, not with the dump.
         assert conn.execute("SELECT count(*) FROM mk_revoke_user_keys(%s)", (users[2],)).fetchone()[0] == 1
         new_key = conn.execute("SELECT key FROM mk_issue_key(%s)", (users[2],)).fetchone()[0]

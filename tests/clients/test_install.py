@@ -49,7 +49,15 @@ def run_seed(conn):
     conn.execute(SEED.read_text())
 
 
-def test_fresh_install_has_exactly_the_seed_schema_plus_one_index(new_db):
+# What 0.2.0 adds to the seed's table, after its columns.
+COLUMNS_0_2_0 = [
+    ("expires_at", "timestamp with time zone", False, None),
+    ("scopes", "text[]", False, None),
+    ("metadata", "jsonb", False, None),
+]
+
+
+def test_fresh_install_has_exactly_the_seed_schema_plus_one_index_and_three_columns(new_db):
     seeded, installed = new_db(), new_db()
     with connect(seeded) as conn:
         run_seed(conn)
@@ -58,9 +66,11 @@ def test_fresh_install_has_exactly_the_seed_schema_plus_one_index(new_db):
         conn.execute(USERS_DDL)
         conn.execute("CREATE EXTENSION makima_keys")
         actual = shape(conn)
-    assert actual["columns"] == expected["columns"]
+    assert actual["columns"] == expected["columns"] + COLUMNS_0_2_0
     assert actual["constraints"] == expected["constraints"]
-    assert actual["comments"] == expected["comments"]
+    seed_comments = len(expected["comments"])
+    assert actual["comments"][:seed_comments] == expected["comments"]
+    assert [c[0] for c in actual["comments"][seed_comments:]] == [9, 10, 11]
     ours = ("idx_api_keys_key_hash_unique",
             "CREATE UNIQUE INDEX idx_api_keys_key_hash_unique ON public.api_keys USING btree (key_hash)")
     assert actual["indexes"] == sorted(expected["indexes"] + [ours])
@@ -113,7 +123,7 @@ def test_adopts_the_table_of_the_makima_migration_with_its_keys(role, new_db):
         su.add_notice_handler(lambda d: notices.append(d.message_primary))
         su.execute("CREATE EXTENSION makima_keys")
         assert any("adopted the existing table" in n for n in notices), notices
-        assert su.execute("SELECT * FROM api_keys ORDER BY id").fetchall() == before
+        assert su.execute("SELECT id, user_id, key_hash, key_prefix, name, last_used_at, created_at, revoked_at FROM api_keys ORDER BY id").fetchall() == before
         assert su.execute("SELECT mk_verify(%s)", (legacy_active,)).fetchone()[0] == alice
         assert su.execute("SELECT status FROM mk_verify_detail(%s)", (legacy_revoked,)).fetchone()[0] == "revoked"
         assert su.execute("SELECT mk_verify(%s)", (legacy_revoked,)).fetchone()[0] is None

@@ -28,6 +28,12 @@ CALLS = {
     "revoke_user_keys": "SELECT mk_revoke_user_keys(%(user)s)",
     "verify": "SELECT mk_verify(%(key)s)",
     "verify_detail": "SELECT * FROM mk_verify_detail(%(key)s)",
+    "verify_scoped": "SELECT mk_verify(%(key)s, '{read}')",
+    "verify_detail_scoped": "SELECT * FROM mk_verify_detail(%(key)s, '{read}')",
+    "issue_with_options": "SELECT * FROM mk_issue_key(%(user_without_key)s, scopes => '{read}')",
+    "rotate_with_grace": "SELECT * FROM mk_rotate_key(%(user)s, grace => '1 hour')",
+    "revoke_key": "SELECT mk_revoke_key(%(key)s)",
+    "list_keys": "SELECT id, key_prefix, status FROM mk_keys",
     "hash_key": "SELECT mk_hash_key(%(key)s)",
     "well_formed": "SELECT mk_key_is_well_formed(%(key)s)",
     "select_hash": "SELECT key_hash FROM api_keys",
@@ -39,21 +45,26 @@ ALLOWED = {
     # The extension's owner (the installing superuser) owns api_keys too.
     "table_owner": set(CALLS),
     "nobody": {"hash_key", "well_formed"},
-    "verifier": {"hash_key", "well_formed", "verify", "verify_detail"},
-    "admin": set(CALLS) - {"select_hash", "update_table"},
+    "verifier": {"hash_key", "well_formed", "verify", "verify_detail", "verify_scoped",
+                 "verify_detail_scoped"},
+    "scanner": {"hash_key", "well_formed", "revoke_key"},
+    "admin": set(CALLS) - {"select_hash", "select_listing", "update_table"},
 }
 
 
 @pytest.mark.parametrize("who", sorted(ALLOWED))
 def test_each_role_gets_exactly_its_documented_rights(role, db, who):
     verifier, admin, nobody = role("verifier"), role("admin"), role("nobody")
+    scanner = role("scanner")
     with connect(db) as su:
         su.execute(readme_recipe("verify-only", app=verifier))
         su.execute(readme_recipe("admin", key_admin=admin))
+        su.execute(readme_recipe("leak-scanner", secret_scanner=scanner))
         user, user_without_key = add_user(su), add_user(su)
         key_id, key = su.execute("SELECT id, key FROM mk_issue_key(%s)", (user,)).fetchone()
     params = {"user": user, "user_without_key": user_without_key, "key_id": key_id, "key": key}
-    name = {"nobody": nobody, "verifier": verifier, "admin": admin, "table_owner": "postgres"}[who]
+    name = {"nobody": nobody, "verifier": verifier, "admin": admin, "scanner": scanner,
+            "table_owner": "postgres"}[who]
     with connect(db, user=name) as conn:
         for call, sql in CALLS.items():
             # Each call in a transaction of its own, rolled back, so the
