@@ -51,5 +51,22 @@ SELECT mk_revoke(:'new_key_id') AS revoked;
 SELECT status FROM mk_verify_detail(:'new_key');
 SELECT key_prefix, name, last_used_at IS NOT NULL AS used, revoked_at IS NOT NULL AS revoked
   FROM api_keys ORDER BY created_at;
+
+-- 0.2.0: a scoped, expiring key with metadata.
+INSERT INTO users (email) VALUES ('grace@example.com') RETURNING id AS grace \gset
+SELECT key AS ci_key FROM mk_issue_key(:'grace', name => 'ci', expires_in => '30 days',
+                                       scopes => '{read,deploy}', metadata => '{"team": "platform"}') \gset
+SELECT mk_verify(:'ci_key', '{deploy}') AS may_deploy, mk_verify(:'ci_key', '{admin}') AS may_admin;
+SELECT status, scopes, metadata, expires_at FROM mk_verify_detail(:'ci_key', '{admin}');
+
+-- Rotation with a grace period: the old key keeps working for an hour.
+LISTEN makima_keys_revoked;
+SELECT key AS ci_key_2 FROM mk_rotate_key(:'grace', 'ci, rotated', grace => '1 hour') \gset
+SELECT mk_verify(:'ci_key') IS NOT NULL AS old_still_works, mk_verify(:'ci_key_2') IS NOT NULL AS new_works;
+
+-- A leaked key is revoked from its plaintext (for secret-scanning webhooks).
+SELECT mk_revoke_key(:'ci_key') AS revoked_leaked_key;
+SELECT key_prefix, name, scopes, status, revoked_at IS NOT NULL AS has_end
+  FROM mk_keys WHERE user_id = :'grace' ORDER BY created_at;
 SQL
 echo "== done; the cluster is stopped and removed"
