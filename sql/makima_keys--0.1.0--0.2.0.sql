@@ -189,6 +189,8 @@ DECLARE
         'mk_rotate_key_0_1_0(uuid, text)', 'mk_rotate_key(uuid, text, interval, text[], jsonb, interval)',
         'mk_verify_detail_0_1_0(text)', 'mk_verify_detail(text)'];
     old_function regprocedure;
+    new_function regprocedure;
+    initial_acl aclitem[];
     grant_row record;
 BEGIN
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
@@ -201,6 +203,8 @@ BEGIN
         || ', pg_temp', true);
     FOR i IN 1 .. pg_catalog.array_length(replaced, 1) BY 2 LOOP
         old_function := replaced[i]::regprocedure;
+        new_function := replaced[i + 1]::regprocedure;
+        SELECT p.proacl INTO initial_acl FROM pg_catalog.pg_proc p WHERE p.oid = new_function;
         FOR grant_row IN
             SELECT a.grantee, a.is_grantable
               FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
@@ -214,6 +218,13 @@ BEGIN
                                                    WHERE r.oid = grant_row.grantee)) END,
                 CASE WHEN grant_row.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
         END LOOP;
+        -- A GRANT inside an extension script is recorded as the extension's
+        -- own initial privilege, which pg_dump leaves out: these grants are
+        -- the users', so the initial privileges go back to what a fresh
+        -- install has, and pg_dump keeps dumping the grants.
+        UPDATE pg_catalog.pg_init_privs ip SET initprivs = initial_acl
+         WHERE ip.objoid = new_function AND ip.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+           AND ip.objsubid = 0;
     END LOOP;
     PERFORM pg_catalog.set_config('search_path', saved_search_path, true);
 END
