@@ -12,7 +12,7 @@ use pgrx::prelude::*;
 use rand::rngs::OsRng;
 
 use crate::error::{KeyError, KeyResult};
-use crate::hashing::hash_key;
+use crate::hashing::{hash_key, KeyHash};
 use crate::jsonb::StoredJsonb;
 use crate::key_format::{self, KeyShape};
 use crate::policy::{self, KeyStatus, Requirement, ScopeProblem};
@@ -271,7 +271,7 @@ fn verify_key(
         labels: with_labels,
         scopes: with_labels || requirement != Requirement::None,
     };
-    let Some(found) = store.find_by_hash(&hash_key(key), reading) else {
+    let Some(found) = store.find_by_hash(KeyHash::of(key).as_str(), reading) else {
         return Verdict::NotFound;
     };
     // The wall clock, not the transaction start: a revocation or expiry that
@@ -310,8 +310,11 @@ fn verified_user(verdict: Verdict) -> Option<pgrx::Uuid> {
 }
 
 /// The user id of a live key; NULL for anything else. Never raises for any text.
-#[pg_extern(security_definer, volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
+///
+/// SECURITY INVOKER on purpose: see `store::with_owner_rights`. The probe
+/// resolves no names and the statements it may run get the owner's rights
+/// and a pinned search_path there.
+#[pg_extern(volatile, parallel_unsafe)]
 fn mk_verify(key: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> Option<pgrx::Uuid> {
     verified_user(verify_key(fcinfo, key, Requirement::None, false))
 }
@@ -332,8 +335,8 @@ fn with_requirement<R>(
 
 /// The user id of a live key that holds every scope in `required_scopes`;
 /// NULL for anything else. Never raises for any text.
-#[pg_extern(name = "mk_verify", security_definer, volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
+/// SECURITY INVOKER for the same reason as `mk_verify(text)`.
+#[pg_extern(name = "mk_verify", volatile, parallel_unsafe)]
 fn mk_verify_scoped(
     key: Option<&str>,
     required_scopes: Option<Array<&str>>,

@@ -6,7 +6,24 @@ use sha2::{Digest, Sha256};
 pub const HASH_HEX_LEN: usize = 64;
 
 pub fn hash_key(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
+    KeyHash::of(key).as_str().to_owned()
+}
+
+/// The hex hash on the stack: the verify path needs it only as a borrowed
+/// `&str` and should not allocate for it.
+pub struct KeyHash([u8; HASH_HEX_LEN]);
+
+impl KeyHash {
+    pub fn of(key: &str) -> KeyHash {
+        let mut hex = [0u8; HASH_HEX_LEN];
+        hex::encode_to_slice(Sha256::digest(key.as_bytes()), &mut hex)
+            .expect("64 hex digits fit 32 bytes");
+        KeyHash(hex)
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
 }
 
 #[cfg(test)]
@@ -24,6 +41,13 @@ mod tests {
             hash_key("mk_abc"),
             "a32e980105d0bf6651f896287e5b52d3e40dc1fc0983324ebc32b21d76cfe195"
         );
+    }
+
+    #[test]
+    fn stack_hash_equals_the_allocated_one() {
+        for key in ["", "mk_abc", "ünïcödé", &"x".repeat(1024)] {
+            assert_eq!(KeyHash::of(key).as_str(), hex::encode(Sha256::digest(key.as_bytes())));
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! volatile function: a fresh snapshot per call (READ COMMITTED) that also
 //! sees this transaction's own earlier commands.
 
+use std::cell::Cell;
 use std::ffi::CStr;
 
 use pgrx::prelude::*;
@@ -20,6 +21,7 @@ const HASH_INDEX: &CStr = c"idx_api_keys_key_hash_unique";
 /// Column positions (0-based) in `api_keys`, found by name: an adopted table
 /// may have extra columns, and dropped columns leave gaps. The 0.2.0 columns
 /// are missing while a database is still at 0.1.0 with this library loaded.
+#[derive(Clone, Copy, PartialEq, Eq)]
 struct Columns {
     id: usize,
     user_id: usize,
@@ -31,6 +33,28 @@ struct Columns {
     expires_at: Option<usize>,
     scopes: Option<usize>,
     metadata: Option<usize>,
+}
+
+impl Columns {
+    /// How many leading attributes hold every column `reading` reads.
+    fn needed(&self, reading: Reading) -> usize {
+        let mut last = self
+            .id
+            .max(self.user_id)
+            .max(self.last_used_at)
+            .max(self.revoked_at)
+            .max(self.expires_at.unwrap_or(0));
+        if reading.labels {
+            last = last
+                .max(self.key_prefix)
+                .max(self.name)
+                .max(self.metadata.unwrap_or(0));
+        }
+        if reading.labels || reading.scopes {
+            last = last.max(self.scopes.unwrap_or(0));
+        }
+        last + 1
+    }
 }
 
 unsafe fn columns(tupdesc: pg_sys::TupleDesc) -> Option<Columns> {
@@ -57,6 +81,35 @@ unsafe fn columns(tupdesc: pg_sys::TupleDesc) -> Option<Columns> {
     })
 }
 
+/// The table and index a backend probes, found by name once and then kept
+/// until a relcache invalidation names either of them (or all relations):
+/// DROP, ALTER TABLE, REINDEX, a new index state, ... A `Cell` of a `Copy`
+/// value, because the callback can run in the middle of our own code (while
+/// a lock is taken) and must never find it borrowed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Target {
+    namespace: pg_sys::Oid,
+    heap: pg_sys::Oid,
+    index: pg_sys::Oid,
+    cols: Columns,
+}
+
+thread_local! {
+    static TARGET: Cell<Option<Target>> = const { Cell::new(None) };
+    static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_target(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    TARGET.with(|target| {
+        if let Some(t) = target.get() {
+            if relid == pg_sys::InvalidOid || relid == t.heap || relid == t.index {
+                target.set(None);
+            }
+        }
+    });
+}
+
 /// Looks `hash` up in `api_keys` of `namespace`.
 ///
 /// `None`: the index cannot be used as expected (missing, invalid, or not the
@@ -68,21 +121,74 @@ pub fn find_by_hash(
     reading: Reading,
 ) -> Option<Option<FoundKey>> {
     unsafe {
-        let heap_oid = pg_sys::get_relname_relid(TABLE.as_ptr(), namespace);
-        let index_oid = pg_sys::get_relname_relid(HASH_INDEX.as_ptr(), namespace);
-        if heap_oid == pg_sys::InvalidOid || index_oid == pg_sys::InvalidOid {
-            return None;
+        if !CALLBACK_REGISTERED.get() {
+            pg_sys::CacheRegisterRelcacheCallback(Some(forget_target), pg_sys::Datum::from(0));
+            CALLBACK_REGISTERED.set(true);
         }
         let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
-        let heap = pg_sys::table_open(heap_oid, lock);
-        let index = pg_sys::index_open(index_oid, lock);
-        let usable = usable_columns(heap, heap_oid, index);
-        let found = usable.map(|cols| probe(heap, index, &cols, hash, reading));
-        // Like the executor, keep the locks until the end of the transaction.
-        pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
-        pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
-        found
+        // Twice at most: a kept target may turn out stale once its locks are
+        // taken (taking a lock processes pending invalidations).
+        for _ in 0..2 {
+            let target = match TARGET.get() {
+                Some(t) if t.namespace == namespace => t,
+                _ => {
+                    let found = look_up(namespace)?;
+                    TARGET.set(Some(found));
+                    found
+                }
+            };
+            let heap = pg_sys::try_table_open(target.heap, lock);
+            if heap.is_null() {
+                TARGET.set(None);
+                continue;
+            }
+            let index = pg_sys::try_index_open(target.index, lock);
+            if index.is_null() || TARGET.get() != Some(target) {
+                if !index.is_null() {
+                    pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+                }
+                pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
+                TARGET.set(None);
+                continue;
+            }
+            let found = probe(heap, index, &target.cols, hash, reading);
+            // Like the executor, keep the locks until the end of the transaction.
+            pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+            pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
+            return Some(found);
+        }
+        None
     }
+}
+
+/// Finds `api_keys` and our index in `namespace` by name and checks them;
+/// `None` if either is missing or not as the install made it.
+unsafe fn look_up(namespace: pg_sys::Oid) -> Option<Target> {
+    let heap_oid = pg_sys::get_relname_relid(TABLE.as_ptr(), namespace);
+    let index_oid = pg_sys::get_relname_relid(HASH_INDEX.as_ptr(), namespace);
+    if heap_oid == pg_sys::InvalidOid || index_oid == pg_sys::InvalidOid {
+        return None;
+    }
+    let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+    let heap = pg_sys::try_table_open(heap_oid, lock);
+    if heap.is_null() {
+        return None;
+    }
+    let index = pg_sys::try_index_open(index_oid, lock);
+    let cols = if index.is_null() {
+        None
+    } else {
+        let cols = usable_columns(heap, heap_oid, index);
+        pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+        cols
+    };
+    pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
+    Some(Target {
+        namespace,
+        heap: heap_oid,
+        index: index_oid,
+        cols: cols?,
+    })
 }
 
 /// The columns, if `index` is the valid, non-partial, one-column unique
@@ -137,7 +243,8 @@ unsafe fn probe(
 
     let found =
         if pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
-            let natts = (*(*heap).rd_att).natts as usize;
+            // Deform only as far as the last column this reading uses.
+            let natts = cols.needed(reading);
             if ((*slot).tts_nvalid as usize) < natts {
                 pg_sys::slot_getsomeattrs_int(slot, natts as i32);
             }

@@ -397,7 +397,53 @@ fn definer_functions_pin_search_path() {
         "SELECT count(*) FROM pg_proc WHERE prosecdef AND proname LIKE 'mk\\_%'",
     )
     .unwrap();
-    assert_eq!(definers, Some(9));
+    assert_eq!(definers, Some(7));
+    // The two mk_verify forms are invokers that switch rights only for the
+    // statements they run (store::with_owner_rights).
+    let verify_invokers = Spi::get_one::<i64>(
+        "SELECT count(*) FROM pg_proc
+          WHERE proname = 'mk_verify' AND NOT prosecdef AND proconfig IS NULL",
+    )
+    .unwrap();
+    assert_eq!(verify_invokers, Some(2));
+}
+
+#[pg_test]
+fn verify_runs_its_statements_as_the_owner_with_a_pinned_search_path() {
+    let user = new_user();
+    let (id, key) = issue(user);
+    Spi::run(
+        "CREATE ROLE mk_test_verifier;
+         GRANT EXECUTE ON FUNCTION mk_verify(text), mk_verify(text, text[]) TO mk_test_verifier;
+         GRANT USAGE, CREATE ON SCHEMA public TO mk_test_verifier",
+    )
+    .unwrap();
+    // The role can read nothing; its search path puts a look-alike first.
+    Spi::run(
+        "SET ROLE mk_test_verifier;
+         CREATE TABLE pg_temp.api_keys (id uuid, user_id uuid, key_hash text, key_prefix text,
+                                        name text, last_used_at timestamptz,
+                                        created_at timestamptz, revoked_at timestamptz);
+         SET search_path = pg_temp, public",
+    )
+    .unwrap();
+    assert_eq!(sqlstate("SELECT count(*) FROM public.api_keys"), "42501");
+    assert_eq!(verify(&key), Some(user));
+    assert_eq!(scoped(&key, "'{}'"), Some(user));
+    assert!(check("SELECT current_user = 'mk_test_verifier'", &[]));
+    assert!(check("SELECT current_setting('search_path') = 'pg_temp, public'", &[]));
+    Spi::run("RESET ROLE").unwrap();
+    // The write went to the real table, with the owner's rights.
+    assert!(check(
+        "SELECT last_used_at IS NOT NULL FROM public.api_keys WHERE id = $1",
+        &[id.into()]
+    ));
+    // The SQL fallback, too.
+    Spi::run("DROP INDEX public.idx_api_keys_key_hash_unique").unwrap();
+    Spi::run("SET ROLE mk_test_verifier").unwrap();
+    assert_eq!(verify(&key), Some(user));
+    assert!(check("SELECT current_user = 'mk_test_verifier'", &[]));
+    Spi::run("RESET ROLE").unwrap();
 }
 
 #[pg_test]

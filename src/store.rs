@@ -9,7 +9,7 @@
 //! EXTENSION UPDATE). Statements that need the 0.2.0 columns are prepared
 //! when used, by 0.2.0 functions only.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use pgrx::datum::DatumWithOid;
 use pgrx::oids_of;
@@ -94,14 +94,108 @@ const LIVE: &str = "(revoked_at IS NULL OR revoked_at > pg_catalog.clock_timesta
 /// extension's schema because the extension is not relocatable.
 pub struct Store {
     namespace: pg_sys::Oid,
+    owner: pg_sys::Oid,
+}
+
+/// What a call needs to know about the function it runs in.
+#[derive(Clone, Copy)]
+struct CalledFunction {
+    oid: pg_sys::Oid,
+    namespace: pg_sys::Oid,
+    owner: pg_sys::Oid,
+}
+
+thread_local! {
+    /// The last function asked about: every call of mk_verify asks, and a
+    /// pg_proc lookup costs a tenth of the index probe.
+    static CALLED_FUNCTION: Cell<Option<CalledFunction>> = const { Cell::new(None) };
+    static PROC_CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Any change to pg_proc (ALTER FUNCTION ... OWNER TO, SET SCHEMA, ...) forgets it.
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_called_function(
+    _arg: pg_sys::Datum,
+    _cache: std::ffi::c_int,
+    _hash: u32,
+) {
+    CALLED_FUNCTION.with(|cached| cached.set(None));
+}
+
+unsafe fn called_function(fn_oid: pg_sys::Oid) -> CalledFunction {
+    if !PROC_CALLBACK_REGISTERED.get() {
+        pg_sys::CacheRegisterSyscacheCallback(
+            pg_sys::SysCacheIdentifier::PROCOID as std::ffi::c_int,
+            Some(forget_called_function),
+            pg_sys::Datum::from(0),
+        );
+        PROC_CALLBACK_REGISTERED.set(true);
+    }
+    if let Some(cached) = CALLED_FUNCTION.get().filter(|f| f.oid == fn_oid) {
+        return cached;
+    }
+    let tuple = pg_sys::SearchSysCache1(
+        pg_sys::SysCacheIdentifier::PROCOID as std::ffi::c_int,
+        pg_sys::Datum::from(fn_oid),
+    );
+    assert!(!tuple.is_null(), "the called function exists");
+    let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_proc>(tuple);
+    let found = CalledFunction {
+        oid: fn_oid,
+        namespace: (*form).pronamespace,
+        owner: (*form).proowner,
+    };
+    pg_sys::ReleaseSysCache(tuple);
+    CALLED_FUNCTION.set(Some(found));
+    found
+}
+
+/// Runs `f` (which executes SQL) as the function's owner with
+/// `search_path = pg_catalog, pg_temp`: what SECURITY DEFINER and a pinned
+/// search_path do for a whole call, for just the statements that need it.
+///
+/// The verification functions are SECURITY INVOKER so that their usual
+/// path, an index probe that resolves no names and needs no privilege
+/// check, does not pay for a search_path change on every call (about a
+/// tenth of a verification). Only the last_used_at write and the SQL
+/// fallback run statements, and they run them here. If `f` raises, the
+/// (sub)transaction abort restores the user id and the setting, as it does
+/// for SECURITY DEFINER.
+fn with_owner_rights<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    unsafe {
+        let mut saved_user = pg_sys::InvalidOid;
+        let mut saved_context: std::ffi::c_int = 0;
+        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as std::ffi::c_int,
+        );
+        let nest_level = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        let result = f();
+        pg_sys::AtEOXact_GUC(true, nest_level);
+        pg_sys::SetUserIdAndSecContext(saved_user, saved_context);
+        result
+    }
 }
 
 impl Store {
     /// # Safety
     /// `fcinfo` must be the call's own, valid `FunctionCallInfo`.
     pub unsafe fn for_call(fcinfo: pg_sys::FunctionCallInfo) -> Store {
+        let function = called_function((*(*fcinfo).flinfo).fn_oid);
         Store {
-            namespace: pg_sys::get_func_namespace((*(*fcinfo).flinfo).fn_oid),
+            namespace: function.namespace,
+            owner: function.owner,
         }
     }
 
@@ -181,6 +275,10 @@ impl Store {
         }
         // The index is missing or not the one the install made: same answer
         // through the executor, only slower.
+        with_owner_rights(self.owner, || self.find_by_hash_in_sql(hash, reading))
+    }
+
+    fn find_by_hash_in_sql(&self, hash: &str, reading: Reading) -> Option<FoundKey> {
         Spi::connect_mut(|client| {
             self.with_kept_plans(client, |client, plans| {
                 let args: [DatumWithOid; 1] = [hash.into()];
@@ -202,11 +300,13 @@ impl Store {
 
     /// Sets `last_used_at = now()` unless another transaction holds the row.
     pub fn touch_last_used(&self, id: pgrx::Uuid) {
-        Spi::connect_mut(|client| {
-            self.with_kept_plans(client, |client, plans| {
-                client
-                    .update(&plans.touch, None, &[id.into()])
-                    .expect("last_used_at update");
+        with_owner_rights(self.owner, || {
+            Spi::connect_mut(|client| {
+                self.with_kept_plans(client, |client, plans| {
+                    client
+                        .update(&plans.touch, None, &[id.into()])
+                        .expect("last_used_at update");
+                })
             })
         })
     }
