@@ -112,6 +112,12 @@ def server_side(args, rows):
         conn.execute("SELECT count(mk_verify(key)) FROM bench.sample")
         conn.execute("SET enable_hashjoin = off")
         conn.execute("SET enable_mergejoin = off")
+        # Per-call cost in one process for every case: a parallel plan would
+        # split the executor's probes over two processes (mk_verify is
+        # parallel unsafe, as a function that may write must be), and JIT
+        # compilation would add its own start-up time to one case only.
+        conn.execute("SET max_parallel_workers_per_gather = 0")
+        conn.execute("SET jit = off")
         statements = {
             "scan only": "SELECT count(key) FROM bench.sample",
             "index probe": "SELECT count(k.user_id) FROM bench.sample s JOIN public.api_keys k"
