@@ -46,7 +46,10 @@ mod tests {
     #[test]
     fn stack_hash_equals_the_allocated_one() {
         for key in ["", "mk_abc", "ünïcödé", &"x".repeat(1024)] {
-            assert_eq!(KeyHash::of(key).as_str(), hex::encode(Sha256::digest(key.as_bytes())));
+            assert_eq!(
+                KeyHash::of(key).as_str(),
+                hex::encode(Sha256::digest(key.as_bytes()))
+            );
         }
     }
 

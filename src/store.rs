@@ -10,16 +10,22 @@
 //! when used, by 0.2.0 functions only.
 
 use std::cell::{Cell, RefCell};
+use std::panic::AssertUnwindSafe;
 
 use pgrx::datum::DatumWithOid;
 use pgrx::oids_of;
+use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiHeapTupleData};
+use pgrx::PgSqlErrorCode;
 
 use crate::error::{KeyError, KeyResult};
 use crate::index_probe;
 use crate::jsonb::StoredJsonb;
 use crate::policy::Micros;
+
+/// The seed's index that allows one active key per user.
+const ONE_ACTIVE_INDEX: &str = "idx_api_keys_one_active_per_user";
 
 /// Channel of the revocation events; the payload is the key id.
 pub const REVOKED_CHANNEL: &str = "makima_keys_revoked";
@@ -250,7 +256,6 @@ impl Store {
                         &self.sql(
                             "INSERT INTO {api_keys} (user_id, key_hash, key_prefix, name)
                              VALUES ($1, $2, $3, $4)
-                             ON CONFLICT (user_id) WHERE revoked_at IS NULL DO NOTHING
                              RETURNING id, created_at",
                         ),
                         &oids_of![pgrx::Uuid, String, String, String],
@@ -311,9 +316,41 @@ impl Store {
         })
     }
 
-    /// Inserts a new active key; `None` when the user already has one
-    /// (the partial unique index decides, also between concurrent callers).
+    /// Inserts a new active key; `None` when the user already has one.
+    ///
+    /// The seed's partial unique index decides, also between concurrent
+    /// callers (the later one waits for the earlier one's transaction). A
+    /// plain INSERT whose unique violation on that index is turned into our
+    /// error costs a tenth less than INSERT ... ON CONFLICT DO NOTHING, which
+    /// probes the index once more and takes a speculative-insertion lock.
     pub fn insert_active(
+        &self,
+        user_id: pgrx::Uuid,
+        key_hash: &str,
+        key_prefix: &str,
+        new: NewKey<'_>,
+    ) -> Option<IssuedRow> {
+        let insert = AssertUnwindSafe(|| self.insert_row(user_id, key_hash, key_prefix, new));
+        PgTryBuilder::new(insert)
+            .catch_when(PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION, |cause| {
+                let one_active = match &cause {
+                    CaughtError::PostgresError(report) => report
+                        .message()
+                        .contains(&format!("\"{ONE_ACTIVE_INDEX}\"")),
+                    _ => false,
+                };
+                if one_active {
+                    // The statement failed; the caller raises our error,
+                    // which ends the transaction.
+                    None
+                } else {
+                    cause.rethrow()
+                }
+            })
+            .execute()
+    }
+
+    fn insert_row(
         &self,
         user_id: pgrx::Uuid,
         key_hash: &str,
@@ -337,7 +374,6 @@ impl Store {
                             "INSERT INTO {api_keys}
                                     (user_id, key_hash, key_prefix, name, expires_at, scopes, metadata)
                              VALUES ($1, $2, $3, $4, $5, $6, $7)
-                             ON CONFLICT (user_id) WHERE revoked_at IS NULL DO NOTHING
                              RETURNING id, created_at",
                         ),
                         None,
@@ -491,7 +527,7 @@ impl Store {
     }
 }
 
-/// The row an `INSERT ... ON CONFLICT DO NOTHING RETURNING id, created_at` made.
+/// The row an `INSERT ... RETURNING id, created_at` made.
 fn issued_row(table: pgrx::spi::SpiTupleTable<'_>) -> Option<IssuedRow> {
     if table.is_empty() {
         return None;

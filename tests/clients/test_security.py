@@ -2,6 +2,7 @@
 fails if the defence it answers is removed."""
 
 import collections
+import datetime
 import hashlib
 import math
 import os
@@ -47,6 +48,13 @@ CREATE OPERATOR evil.<= (LEFTARG = timestamptz, RIGHTARG = timestamptz, FUNCTION
 CREATE FUNCTION evil.minus(timestamptz, interval) RETURNS timestamptz LANGUAGE sql AS
   $$SELECT CASE WHEN evil.ran('-') THEN $1 END$$;
 CREATE OPERATOR evil.- (LEFTARG = timestamptz, RIGHTARG = interval, FUNCTION = evil.minus);
+CREATE FUNCTION evil.clock_timestamp() RETURNS timestamptz LANGUAGE sql AS
+  $$SELECT CASE WHEN evil.ran('clock_timestamp') THEN '2000-01-01'::timestamptz END$$;
+CREATE FUNCTION evil.gt_ts(timestamptz, timestamptz) RETURNS boolean LANGUAGE sql AS $$SELECT evil.ran('>')$$;
+CREATE OPERATOR evil.> (LEFTARG = timestamptz, RIGHTARG = timestamptz, FUNCTION = evil.gt_ts);
+CREATE FUNCTION evil.plus(timestamptz, interval) RETURNS timestamptz LANGUAGE sql AS
+  $$SELECT CASE WHEN evil.ran('+') THEN $1 END$$;
+CREATE OPERATOR evil.+ (LEFTARG = timestamptz, RIGHTARG = interval, FUNCTION = evil.plus);
 CREATE TABLE evil.api_keys (id uuid, user_id uuid, key_hash varchar(64), key_prefix varchar(16), name varchar(255), last_used_at timestamptz, created_at timestamptz, revoked_at timestamptz);
 CREATE TABLE evil.users (id uuid PRIMARY KEY);
 """
@@ -68,10 +76,29 @@ def every_function(conn, user, spare_user, key, key_id):
     """Calls every mk_* function, schema-qualified; returns what each gave,
     with the random parts (new keys, ids, timestamps) reduced to their shape."""
     out = {}
-    issued = conn.execute("SELECT id, key, key_prefix, created_at FROM public.mk_issue_key(%s, 'n')",
+    issued = conn.execute("SELECT id, key, key_prefix, created_at FROM public.mk_issue_key(%s, 'n',"
+                          " expires_in => '1 day', scopes => '{read}', metadata => '{\"a\": 1}')",
                           (spare_user,)).fetchone()
     out["issue"] = (len(issued[1]), issued[2] == issued[1][:9], issued[3] is not None)
     out["issue_verifies"] = conn.execute("SELECT public.mk_verify(%s)", (issued[1],)).fetchone()[0]
+    # 0.2.0: scopes, the listing, a rotation with grace that keeps the scopes.
+    out["verify_scoped"] = (
+        conn.execute("SELECT public.mk_verify(%s, '{read}')", (issued[1],)).fetchone()[0] == spare_user,
+        conn.execute("SELECT public.mk_verify(%s, '{write}')", (issued[1],)).fetchone()[0])
+    # The attacker's own SQL here uses no operator: its look-alikes would run.
+    status, scopes, metadata, expires_at = conn.execute(
+        "SELECT status, scopes, metadata, expires_at FROM public.mk_verify_detail(%s, '{write}')",
+        (issued[1],)).fetchone()
+    in_a_day = expires_at - datetime.datetime.now(datetime.timezone.utc)
+    out["verify_detail_scoped"] = (status, scopes, metadata, datetime.timedelta(hours=23) < in_a_day)
+    out["listing"] = [row[1:] for row in conn.execute(
+        "SELECT user_id, status, scopes, name FROM public.mk_keys").fetchall() if row[0] == spare_user]
+    graced = conn.execute("SELECT key FROM public.mk_rotate_key(%s, grace => '1 hour')",
+                          (spare_user,)).fetchone()[0]
+    out["rotate_grace"] = (
+        conn.execute("SELECT public.mk_verify(%s)", (issued[1],)).fetchone()[0] == spare_user,
+        conn.execute("SELECT public.mk_verify(%s, '{read}')", (graced,)).fetchone()[0] == spare_user,
+        conn.execute("SELECT public.mk_verify(%s, '{write}')", (graced,)).fetchone()[0])
     out["verify"] = conn.execute("SELECT public.mk_verify(%s)", (key,)).fetchone()[0]
     out["verify_detail"] = conn.execute("SELECT * FROM public.mk_verify_detail(%s)", (key,)).fetchone()
     out["verify_foreign"] = conn.execute("SELECT public.mk_verify('attacker-key')").fetchone()[0]
@@ -83,6 +110,9 @@ def every_function(conn, user, spare_user, key, key_id):
     out["revoke_user_keys"] = conn.execute("SELECT public.mk_revoke_user_keys(%s)", (spare_user,)).fetchone()[0]
     out["revoke"] = conn.execute("SELECT public.mk_revoke(%s)", (key_id,)).fetchone()[0]
     out["revoke_unknown"] = sqlstate_of(conn, "SELECT public.mk_revoke(pg_catalog.gen_random_uuid())")
+    out["revoke_key"] = (conn.execute("SELECT public.mk_revoke_key(%s)", (rotated,)).fetchone()[0],
+                         conn.execute("SELECT public.mk_revoke_key(%s)", (rotated,)).fetchone()[0],
+                         conn.execute("SELECT public.mk_verify(%s)", (rotated,)).fetchone()[0])
     out["duplicate"] = sqlstate_of(conn, "SELECT public.mk_issue_key(%s)", (user,))
     return out
 
@@ -128,6 +158,12 @@ def test_hostile_search_path_changes_nothing_and_runs_no_attacker_code(role, new
     assert results["hostile"] == results["clean"]
     assert results["clean"]["verify_foreign"] is None
     assert results["clean"]["verify_detail"] == ("valid", True, True)
+    assert results["clean"]["verify_scoped"] == (True, None)
+    assert results["clean"]["verify_detail_scoped"] == ("insufficient_scope", ["read"], {"a": 1}, True)
+    assert results["clean"]["listing"] == [("valid", ["read"], "n")]
+    assert results["clean"]["rotate_grace"] == (True, True, None)
+    assert results["clean"]["revoke_user_keys"] == 2
+    assert results["clean"]["revoke_key"] == (True, False, None)
 
 
 def test_install_fails_on_a_function_planted_with_our_name(planted):
