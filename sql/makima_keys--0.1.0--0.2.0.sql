@@ -73,12 +73,37 @@ BEGIN
 END
 $schema_0_2_0$;
 
--- mk_verify becomes SECURITY INVOKER: its index probe needs no privilege and
--- resolves no names, and the statements it may run (the last_used_at write,
--- the SQL fallback) switch to the owner's rights and a pinned search_path
--- inside the library, so the hot path no longer pays for a search_path
--- change on every call.
-ALTER FUNCTION mk_verify(text) SECURITY INVOKER RESET search_path;
+-- Functions whose behaviour changes keep their SQL signature, grants and oid
+-- but move to new C symbols, so that a session still running the 0.1.0
+-- library fails to find them (and reconnects) instead of applying 0.1.0
+-- rules to 0.2.0 keys. mk_verify also becomes SECURITY INVOKER: its index
+-- probe needs no privilege and resolves no names, and the statements it may
+-- run (the last_used_at write, the SQL fallback) switch to the owner's
+-- rights and a pinned search_path inside the library, so the hot path no
+-- longer pays for a search_path change on every call. These functions are
+-- members of this extension already, so replacing them is safe.
+CREATE OR REPLACE FUNCTION "mk_verify"(
+	"key" TEXT /* Option < & str > */
+) RETURNS uuid /* Option < pgrx :: Uuid > */
+VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'mk_verify_v2_wrapper';
+
+CREATE OR REPLACE FUNCTION "mk_revoke"(
+	"id" uuid /* Option < pgrx :: Uuid > */
+) RETURNS bool /* bool */
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'mk_revoke_v2_wrapper';
+
+CREATE OR REPLACE FUNCTION "mk_revoke_user_keys"(
+	"user_id" uuid /* Option < pgrx :: Uuid > */
+) RETURNS INT /* i32 */
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE 
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'mk_revoke_user_keys_v2_wrapper';
 
 -- mk_issue_key, mk_rotate_key and mk_verify_detail(text) change their SQL
 -- signatures, so they are replaced. The old ones are renamed first, so that

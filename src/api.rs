@@ -4,9 +4,12 @@
 //! Functions that touch `api_keys` are SECURITY DEFINER with
 //! `search_path = pg_catalog, pg_temp`; `store` qualifies the table itself.
 //!
-//! Functions whose SQL signature changed in 0.2.0 have new C symbols (the
-//! `_v2` Rust names); the 0.1.0 symbols stay below, without SQL of their
-//! own, for databases still at 0.1.0 when this library is installed.
+//! Functions whose SQL signature or behaviour changed in 0.2.0 have new C
+//! symbols (the `_v2` Rust names): a session that still runs the 0.1.0
+//! library after ALTER EXTENSION UPDATE then fails to find them, instead of
+//! applying 0.1.0 rules (no expiry, no grace) to 0.2.0 keys. The 0.1.0
+//! symbols stay in `v0_1_0`, without SQL of their own, for databases still
+//! at 0.1.0 when this library is installed.
 
 use pgrx::prelude::*;
 use rand::rngs::OsRng;
@@ -143,14 +146,15 @@ fn issue_options(
     })
 }
 
-fn issue(store: &Store, user_id: pgrx::Uuid, new: NewKey<'_>) -> KeyResult<IssuedKey> {
+fn issue(
+    store: &Store,
+    user_id: pgrx::Uuid,
+    new: NewKey<'_>,
+    function: &'static str,
+) -> KeyResult<IssuedKey> {
     let key = key_format::generate(&mut OsRng).map_err(|_| KeyError::RandomnessUnavailable)?;
     let prefix = key_format::display_prefix(&key).to_owned();
-    let row = store
-        .insert_active(user_id, &hash_key(&key), &prefix, new)
-        .ok_or(KeyError::ActiveKeyExists {
-            user_id: to_uuid(user_id),
-        })?;
+    let row = store.insert_active(user_id, &hash_key(&key), &prefix, new, function);
     Ok(TableIterator::once((row.id, key, prefix, row.created_at)))
 }
 
@@ -190,7 +194,12 @@ fn mk_issue_key_v2(
             scopes: options.scopes,
             metadata: options.metadata,
         };
-        issue(&unsafe { Store::for_call(fcinfo) }, user_id, new)
+        issue(
+            &unsafe { Store::for_call(fcinfo) },
+            user_id,
+            new,
+            "mk_issue_key",
+        )
     });
     result.unwrap_or_else(|e| e.raise("mk_issue_key"))
 }
@@ -242,7 +251,7 @@ fn mk_rotate_key_v2(
                 metadata: options.metadata.or(active.metadata),
             },
         };
-        issue(&store, user_id, new)
+        issue(&store, user_id, new, "mk_rotate_key")
     });
     result.unwrap_or_else(|e| e.raise("mk_rotate_key"))
 }
@@ -314,8 +323,8 @@ fn verified_user(verdict: Verdict) -> Option<pgrx::Uuid> {
 /// SECURITY INVOKER on purpose: see `store::with_owner_rights`. The probe
 /// resolves no names and the statements it may run get the owner's rights
 /// and a pinned search_path there.
-#[pg_extern(volatile, parallel_unsafe)]
-fn mk_verify(key: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> Option<pgrx::Uuid> {
+#[pg_extern(name = "mk_verify", volatile, parallel_unsafe)]
+fn mk_verify_v2(key: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> Option<pgrx::Uuid> {
     verified_user(verify_key(fcinfo, key, Requirement::None, false))
 }
 
@@ -454,17 +463,22 @@ fn mk_verify_detail_scoped(
 }
 
 /// True when this call ended a live key, false when it had already ended.
-#[pg_extern(security_definer, volatile, parallel_unsafe)]
+#[pg_extern(name = "mk_revoke", security_definer, volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
-fn mk_revoke(id: Option<pgrx::Uuid>, fcinfo: pg_sys::FunctionCallInfo) -> bool {
+fn mk_revoke_v2(id: Option<pgrx::Uuid>, fcinfo: pg_sys::FunctionCallInfo) -> bool {
     let result = required(id, "id").and_then(|id| unsafe { Store::for_call(fcinfo) }.revoke(id));
     result.unwrap_or_else(|e| e.raise("mk_revoke"))
 }
 
 /// Ends every live key of a user; returns how many this call ended.
-#[pg_extern(security_definer, volatile, parallel_unsafe)]
+#[pg_extern(
+    name = "mk_revoke_user_keys",
+    security_definer,
+    volatile,
+    parallel_unsafe
+)]
 #[search_path(pg_catalog, pg_temp)]
-fn mk_revoke_user_keys(user_id: Option<pgrx::Uuid>, fcinfo: pg_sys::FunctionCallInfo) -> i32 {
+fn mk_revoke_user_keys_v2(user_id: Option<pgrx::Uuid>, fcinfo: pg_sys::FunctionCallInfo) -> i32 {
     let result = required(user_id, "user_id")
         .map(|user_id| unsafe { Store::for_call(fcinfo) }.end_user_keys(user_id, None));
     result.unwrap_or_else(|e| e.raise("mk_revoke_user_keys"))
@@ -496,9 +510,10 @@ fn mk_key_is_well_formed(key: &str) -> bool {
     key_format::is_well_formed(key)
 }
 
-/// The 0.1.0 C symbols whose SQL signatures changed in 0.2.0. A database at
+/// The 0.1.0 C symbols of functions that changed in 0.2.0. A database at
 /// 0.1.0 calls them until ALTER EXTENSION makima_keys UPDATE; they keep the
-/// 0.1.0 arguments and result columns and use only the 0.1.0 columns.
+/// 0.1.0 arguments and result columns, use only the 0.1.0 columns and send
+/// no revocation events.
 mod v0_1_0 {
     use super::*;
 
@@ -518,11 +533,8 @@ mod v0_1_0 {
     > {
         let result = required(user_id, "user_id").and_then(|user_id| {
             check_name(name)?;
-            issue(
-                &unsafe { Store::for_call(fcinfo) },
-                user_id,
-                plain_key(name),
-            )
+            let store = unsafe { Store::for_call(fcinfo) }.without_events();
+            issue(&store, user_id, plain_key(name), "mk_issue_key")
         });
         result.unwrap_or_else(|e| e.raise("mk_issue_key"))
     }
@@ -543,9 +555,9 @@ mod v0_1_0 {
     > {
         let result = required(user_id, "user_id").and_then(|user_id| {
             check_name(name)?;
-            let store = unsafe { Store::for_call(fcinfo) };
+            let store = unsafe { Store::for_call(fcinfo) }.without_events();
             store.end_user_keys(user_id, None);
-            issue(&store, user_id, plain_key(name))
+            issue(&store, user_id, plain_key(name), "mk_rotate_key")
         });
         result.unwrap_or_else(|e| e.raise("mk_rotate_key"))
     }
@@ -568,5 +580,31 @@ mod v0_1_0 {
         let (status, key_id, user_id, key_prefix, name, ..) =
             detail_row(verify_key(fcinfo, key, Requirement::None, true));
         TableIterator::once((status, key_id, user_id, key_prefix, name))
+    }
+
+    #[pg_extern(sql = false)]
+    fn mk_verify(key: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> Option<pgrx::Uuid> {
+        verified_user(verify_key(fcinfo, key, Requirement::None, false))
+    }
+
+    // 0.1.0 sent no events: a revoking transaction could be prepared (2PC).
+    #[pg_extern(sql = false)]
+    fn mk_revoke(id: Option<pgrx::Uuid>, fcinfo: pg_sys::FunctionCallInfo) -> bool {
+        let result = required(id, "id").and_then(|id| {
+            unsafe { Store::for_call(fcinfo) }
+                .without_events()
+                .revoke(id)
+        });
+        result.unwrap_or_else(|e| e.raise("mk_revoke"))
+    }
+
+    #[pg_extern(sql = false)]
+    fn mk_revoke_user_keys(user_id: Option<pgrx::Uuid>, fcinfo: pg_sys::FunctionCallInfo) -> i32 {
+        let result = required(user_id, "user_id").map(|user_id| {
+            unsafe { Store::for_call(fcinfo) }
+                .without_events()
+                .end_user_keys(user_id, None)
+        });
+        result.unwrap_or_else(|e| e.raise("mk_revoke_user_keys"))
     }
 }

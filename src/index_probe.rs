@@ -57,27 +57,50 @@ impl Columns {
     }
 }
 
+/// What a column of `api_keys` is, by name.
+enum Found {
+    Missing,
+    Typed(usize),
+    WrongType,
+}
+
 unsafe fn columns(tupdesc: pg_sys::TupleDesc) -> Option<Columns> {
     let natts = (*tupdesc).natts as usize;
     let attrs = (*tupdesc).attrs.as_slice(natts);
     let find = |wanted: &str, type_oid: pg_sys::Oid| {
-        attrs.iter().position(|a| {
+        let position = attrs.iter().position(|a| {
             !a.attisdropped
-                && a.atttypid == type_oid
                 && CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == wanted.as_bytes()
-        })
+        });
+        match position {
+            None => Found::Missing,
+            Some(i) if attrs[i].atttypid == type_oid => Found::Typed(i),
+            Some(_) => Found::WrongType,
+        }
+    };
+    let required = |wanted: &str, type_oid: pg_sys::Oid| match find(wanted, type_oid) {
+        Found::Typed(i) => Some(i),
+        _ => None,
+    };
+    // A 0.2.0 column may be missing (a database still at 0.1.0), but one of
+    // another type must not read as "never expires" or "unrestricted": the
+    // probe refuses the table, and the SQL fallback fails the call.
+    let optional = |wanted: &str, type_oid: pg_sys::Oid| match find(wanted, type_oid) {
+        Found::Missing => Some(None),
+        Found::Typed(i) => Some(Some(i)),
+        Found::WrongType => None,
     };
     Some(Columns {
-        id: find("id", pg_sys::UUIDOID)?,
-        user_id: find("user_id", pg_sys::UUIDOID)?,
-        key_hash: find("key_hash", pg_sys::VARCHAROID)?,
-        key_prefix: find("key_prefix", pg_sys::VARCHAROID)?,
-        name: find("name", pg_sys::VARCHAROID)?,
-        last_used_at: find("last_used_at", pg_sys::TIMESTAMPTZOID)?,
-        revoked_at: find("revoked_at", pg_sys::TIMESTAMPTZOID)?,
-        expires_at: find("expires_at", pg_sys::TIMESTAMPTZOID),
-        scopes: find("scopes", pg_sys::TEXTARRAYOID),
-        metadata: find("metadata", pg_sys::JSONBOID),
+        id: required("id", pg_sys::UUIDOID)?,
+        user_id: required("user_id", pg_sys::UUIDOID)?,
+        key_hash: required("key_hash", pg_sys::VARCHAROID)?,
+        key_prefix: required("key_prefix", pg_sys::VARCHAROID)?,
+        name: required("name", pg_sys::VARCHAROID)?,
+        last_used_at: required("last_used_at", pg_sys::TIMESTAMPTZOID)?,
+        revoked_at: required("revoked_at", pg_sys::TIMESTAMPTZOID)?,
+        expires_at: optional("expires_at", pg_sys::TIMESTAMPTZOID)?,
+        scopes: optional("scopes", pg_sys::TEXTARRAYOID)?,
+        metadata: optional("metadata", pg_sys::JSONBOID)?,
     })
 }
 

@@ -824,3 +824,28 @@ fn the_sql_fallback_applies_expiry_grace_and_scopes_too() {
     Spi::run_with_args("SELECT mk_rotate_key($1, grace => '1 hour')", &[user.into()]).unwrap();
     assert_eq!(verify(&old_key), Some(user));
 }
+
+#[pg_test]
+fn a_0_2_0_column_of_another_type_fails_closed() {
+    let user = new_user();
+    let (id, key) = issue_with(user, "expires_in => '1 hour', scopes => '{read}'");
+    Spi::run_with_args(
+        "UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE id = $1",
+        &[id.into()],
+    )
+    .unwrap();
+    assert_eq!(verify(&key), None);
+    // Someone changes the column's type: the key must not start verifying as
+    // one that never expires. The call fails instead.
+    Spi::run(
+        "ALTER EXTENSION makima_keys DROP VIEW mk_keys;
+         DROP VIEW mk_keys;
+         ALTER TABLE api_keys ALTER COLUMN expires_at TYPE text",
+    )
+    .unwrap();
+    assert_ne!(sqlstate(&format!("SELECT mk_verify('{key}')")), "00000");
+    assert_ne!(
+        sqlstate(&format!("SELECT mk_verify('{key}', '{{admin}}')")),
+        "00000"
+    );
+}

@@ -11,10 +11,10 @@
 
 use std::cell::{Cell, RefCell};
 use std::panic::AssertUnwindSafe;
+use std::rc::Rc;
 
 use pgrx::datum::DatumWithOid;
 use pgrx::oids_of;
-use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiHeapTupleData};
 use pgrx::PgSqlErrorCode;
@@ -23,9 +23,6 @@ use crate::error::{KeyError, KeyResult};
 use crate::index_probe;
 use crate::jsonb::StoredJsonb;
 use crate::policy::Micros;
-
-/// The seed's index that allows one active key per user.
-const ONE_ACTIVE_INDEX: &str = "idx_api_keys_one_active_per_user";
 
 /// Channel of the revocation events; the payload is the key id.
 pub const REVOKED_CHANNEL: &str = "makima_keys_revoked";
@@ -90,7 +87,9 @@ struct KeptPlans {
 }
 
 thread_local! {
-    static KEPT_PLANS: RefCell<Option<KeptPlans>> = const { RefCell::new(None) };
+    // Borrowed only to take an `Rc`: the plans run with no borrow held, so a
+    // statement that ends up calling mk_verify again cannot find it borrowed.
+    static KEPT_PLANS: RefCell<Option<Rc<KeptPlans>>> = const { RefCell::new(None) };
 }
 
 /// A live key: not revoked, or revoked with a date still ahead (grace period).
@@ -101,6 +100,9 @@ const LIVE: &str = "(revoked_at IS NULL OR revoked_at > pg_catalog.clock_timesta
 pub struct Store {
     namespace: pg_sys::Oid,
     owner: pg_sys::Oid,
+    /// Whether revocations send `makima_keys_revoked` events (not for the
+    /// 0.1.0 entry points, which never did).
+    events: bool,
 }
 
 /// What a call needs to know about the function it runs in.
@@ -111,10 +113,16 @@ struct CalledFunction {
     owner: pg_sys::Oid,
 }
 
+/// Functions remembered per backend: enough for a session that alternates
+/// between the verification functions.
+const REMEMBERED_FUNCTIONS: usize = 4;
+
 thread_local! {
-    /// The last function asked about: every call of mk_verify asks, and a
+    /// The last functions asked about: every call of mk_verify asks, and a
     /// pg_proc lookup costs a tenth of the index probe.
-    static CALLED_FUNCTION: Cell<Option<CalledFunction>> = const { Cell::new(None) };
+    static CALLED_FUNCTIONS: Cell<[Option<CalledFunction>; REMEMBERED_FUNCTIONS]> =
+        const { Cell::new([None; REMEMBERED_FUNCTIONS]) };
+    static NEXT_SLOT: Cell<usize> = const { Cell::new(0) };
     static PROC_CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -125,7 +133,7 @@ unsafe extern "C-unwind" fn forget_called_function(
     _cache: std::ffi::c_int,
     _hash: u32,
 ) {
-    CALLED_FUNCTION.with(|cached| cached.set(None));
+    CALLED_FUNCTIONS.with(|cached| cached.set([None; REMEMBERED_FUNCTIONS]));
 }
 
 unsafe fn called_function(fn_oid: pg_sys::Oid) -> CalledFunction {
@@ -137,7 +145,12 @@ unsafe fn called_function(fn_oid: pg_sys::Oid) -> CalledFunction {
         );
         PROC_CALLBACK_REGISTERED.set(true);
     }
-    if let Some(cached) = CALLED_FUNCTION.get().filter(|f| f.oid == fn_oid) {
+    if let Some(cached) = CALLED_FUNCTIONS
+        .get()
+        .into_iter()
+        .flatten()
+        .find(|f| f.oid == fn_oid)
+    {
         return cached;
     }
     let tuple = pg_sys::SearchSysCache1(
@@ -152,7 +165,11 @@ unsafe fn called_function(fn_oid: pg_sys::Oid) -> CalledFunction {
         owner: (*form).proowner,
     };
     pg_sys::ReleaseSysCache(tuple);
-    CALLED_FUNCTION.set(Some(found));
+    let slot = NEXT_SLOT.get();
+    let mut remembered = CALLED_FUNCTIONS.get();
+    remembered[slot] = Some(found);
+    CALLED_FUNCTIONS.set(remembered);
+    NEXT_SLOT.set((slot + 1) % REMEMBERED_FUNCTIONS);
     found
 }
 
@@ -202,7 +219,33 @@ impl Store {
         Store {
             namespace: function.namespace,
             owner: function.owner,
+            events: true,
         }
+    }
+
+    /// The same store, sending no revocation events.
+    pub fn without_events(self) -> Store {
+        Store {
+            events: false,
+            ..self
+        }
+    }
+
+    /// Sends one `makima_keys_revoked` event per key id (if this store
+    /// sends events); returns the count.
+    fn announce_revoked(
+        &self,
+        ids: impl Iterator<Item = pgrx::spi::SpiResult<Option<pgrx::Uuid>>>,
+    ) -> i32 {
+        let mut count = 0;
+        for id in ids {
+            let id = id.expect("key id").expect("key id is not null");
+            if self.events {
+                announce(id);
+            }
+            count += 1;
+        }
+        count
     }
 
     /// `template` with `{api_keys}` replaced by the quoted, schema-qualified
@@ -226,9 +269,15 @@ impl Store {
         client: &mut SpiClient<'_>,
         f: impl FnOnce(&mut SpiClient<'_>, &KeptPlans) -> R,
     ) -> R {
-        KEPT_PLANS.with(|cell| {
-            let mut kept = cell.borrow_mut();
-            if kept.as_ref().map(|p| p.namespace) != Some(self.namespace) {
+        let kept = KEPT_PLANS.with(|cell| {
+            cell.borrow()
+                .as_ref()
+                .filter(|p| p.namespace == self.namespace)
+                .cloned()
+        });
+        let plans = match kept {
+            Some(plans) => plans,
+            None => {
                 // k.*: the 0.2.0 columns when they exist, read by name.
                 let lookup = client
                     .prepare(
@@ -262,15 +311,17 @@ impl Store {
                     )
                     .expect("prepare key insert")
                     .keep();
-                *kept = Some(KeptPlans {
+                let plans = Rc::new(KeptPlans {
                     namespace: self.namespace,
                     lookup,
                     touch,
                     insert,
                 });
+                KEPT_PLANS.with(|cell| *cell.borrow_mut() = Some(Rc::clone(&plans)));
+                plans
             }
-            f(client, kept.as_ref().expect("plans were just kept"))
-        })
+        };
+        f(client, &plans)
     }
 
     /// Finds the row whose `key_hash` is `hash`, live or not.
@@ -316,36 +367,32 @@ impl Store {
         })
     }
 
-    /// Inserts a new active key; `None` when the user already has one.
+    /// Inserts a new active key. If the user already has one, raises
+    /// `KeyError::ActiveKeyExists` for `function`.
     ///
     /// The seed's partial unique index decides, also between concurrent
     /// callers (the later one waits for the earlier one's transaction). A
-    /// plain INSERT whose unique violation on that index is turned into our
-    /// error costs a tenth less than INSERT ... ON CONFLICT DO NOTHING, which
-    /// probes the index once more and takes a speculative-insertion lock.
+    /// plain INSERT costs a tenth less than INSERT ... ON CONFLICT DO NOTHING,
+    /// which probes the index once more and takes a speculative-insertion
+    /// lock. Its unique violation is turned into our error at once, inside
+    /// the handler, so nothing runs on the failed statement's state. Every
+    /// unique violation of this INSERT is that one: the other unique indexes
+    /// are on a random uuid and on the SHA-256 of 256 random bits.
     pub fn insert_active(
         &self,
         user_id: pgrx::Uuid,
         key_hash: &str,
         key_prefix: &str,
         new: NewKey<'_>,
-    ) -> Option<IssuedRow> {
+        function: &'static str,
+    ) -> IssuedRow {
         let insert = AssertUnwindSafe(|| self.insert_row(user_id, key_hash, key_prefix, new));
         PgTryBuilder::new(insert)
-            .catch_when(PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION, |cause| {
-                let one_active = match &cause {
-                    CaughtError::PostgresError(report) => report
-                        .message()
-                        .contains(&format!("\"{ONE_ACTIVE_INDEX}\"")),
-                    _ => false,
-                };
-                if one_active {
-                    // The statement failed; the caller raises our error,
-                    // which ends the transaction.
-                    None
-                } else {
-                    cause.rethrow()
+            .catch_when(PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION, |_| {
+                KeyError::ActiveKeyExists {
+                    user_id: crate::api::to_uuid(user_id),
                 }
+                .raise(function)
             })
             .execute()
     }
@@ -356,7 +403,7 @@ impl Store {
         key_hash: &str,
         key_prefix: &str,
         new: NewKey<'_>,
-    ) -> Option<IssuedRow> {
+    ) -> IssuedRow {
         Spi::connect_mut(|client| {
             if new.has_options() {
                 let args: [DatumWithOid; 7] = [
@@ -446,7 +493,7 @@ impl Store {
                     });
                 }
             }
-            announce_revoked(ids.into_iter());
+            self.announce_revoked(ids.into_iter());
             active
         })
     }
@@ -470,7 +517,7 @@ impl Store {
                     &[user_id.into(), grace.into()],
                 )
                 .expect("revoke user keys");
-            announce_revoked(table.map(|row| row.get::<pgrx::Uuid>(1)))
+            self.announce_revoked(table.map(|row| row.get::<pgrx::Uuid>(1)))
         })
     }
 
@@ -488,7 +535,7 @@ impl Store {
                     &[id.into()],
                 )
                 .expect("revoke key");
-            if announce_revoked(revoked.map(|row| row.get::<pgrx::Uuid>(1))) > 0 {
+            if self.announce_revoked(revoked.map(|row| row.get::<pgrx::Uuid>(1))) > 0 {
                 return Ok(true);
             }
             let exists = client
@@ -522,30 +569,34 @@ impl Store {
                     &[hash.into()],
                 )
                 .expect("revoke key by hash");
-            announce_revoked(revoked.map(|row| row.get::<pgrx::Uuid>(1))) > 0
+            self.announce_revoked(revoked.map(|row| row.get::<pgrx::Uuid>(1))) > 0
         })
     }
 }
 
 /// The row an `INSERT ... RETURNING id, created_at` made.
-fn issued_row(table: pgrx::spi::SpiTupleTable<'_>) -> Option<IssuedRow> {
-    if table.is_empty() {
-        return None;
-    }
+fn issued_row(table: pgrx::spi::SpiTupleTable<'_>) -> IssuedRow {
     let row = table.first();
-    Some(IssuedRow {
+    IssuedRow {
         id: row.get(1).expect("id").expect("id is not null"),
         created_at: row
             .get(2)
             .expect("created_at")
             .expect("created_at is not null"),
-    })
+    }
 }
 
 /// A lookup row read by column name; 0.2.0 columns may be absent.
 fn found_from_row(row: &SpiHeapTupleData<'_>, reading: Reading) -> FoundKey {
+    // A missing column is one this database does not have yet (0.1.0); any
+    // other problem, such as a column whose type was changed, must not read
+    // as "no expiry" or "unrestricted": it fails the call.
     fn optional<T: IntoDatum + FromDatum>(row: &SpiHeapTupleData<'_>, column: &str) -> Option<T> {
-        row.get_by_name::<T, _>(column).ok().flatten()
+        match row.get_by_name::<T, _>(column) {
+            Ok(value) => value,
+            Err(pgrx::spi::SpiError::SpiError(pgrx::spi::SpiErrorCodes::NoAttribute)) => None,
+            Err(e) => panic!("api_keys.{column} is not what makima_keys expects: {e}"),
+        }
     }
     let micros = |column: &str| {
         optional::<TimestampWithTimeZone>(row, column).map(pg_sys::TimestampTz::from)
@@ -565,22 +616,16 @@ fn found_from_row(row: &SpiHeapTupleData<'_>, reading: Reading) -> FoundKey {
     }
 }
 
-/// Sends one `makima_keys_revoked` event per key id; PostgreSQL delivers
-/// them when (and only if) the transaction commits. Returns the count.
-fn announce_revoked(ids: impl Iterator<Item = pgrx::spi::SpiResult<Option<pgrx::Uuid>>>) -> i32 {
-    let mut count = 0;
-    for id in ids {
-        let id = id.expect("key id").expect("key id is not null");
-        let payload = crate::api::to_uuid(id).to_string();
-        unsafe {
-            pgrx::direct_function_call_as_datum(
-                pg_sys::pg_notify,
-                &[REVOKED_CHANNEL.into_datum(), payload.as_str().into_datum()],
-            );
-        }
-        count += 1;
+/// `pg_notify('makima_keys_revoked', id)`: PostgreSQL delivers it when (and
+/// only if) the transaction commits.
+fn announce(id: pgrx::Uuid) {
+    let payload = crate::api::to_uuid(id).to_string();
+    unsafe {
+        pgrx::direct_function_call_as_datum(
+            pg_sys::pg_notify,
+            &[REVOKED_CHANNEL.into_datum(), payload.as_str().into_datum()],
+        );
     }
-    count
 }
 
 /// Whether this transaction may write `last_used_at` without risking an
