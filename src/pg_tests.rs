@@ -36,6 +36,13 @@ fn error_message(sql: &str) -> String {
         .unwrap()
 }
 
+/// Tests run concurrently, each in a transaction that is rolled back. One
+/// that changes api_keys (DROP INDEX, ALTER TABLE) takes its strongest lock
+/// first: upgrading a lock it already holds could deadlock with another test.
+fn lock_for_ddl() {
+    Spi::run("LOCK TABLE public.api_keys IN ACCESS EXCLUSIVE MODE").unwrap();
+}
+
 fn new_user() -> pgrx::Uuid {
     Spi::get_one::<pgrx::Uuid>("SELECT gen_random_uuid()")
         .unwrap()
@@ -410,6 +417,7 @@ fn definer_functions_pin_search_path() {
 
 #[pg_test]
 fn verify_runs_its_statements_as_the_owner_with_a_pinned_search_path() {
+    lock_for_ddl();
     let user = new_user();
     let (id, key) = issue(user);
     Spi::run(
@@ -448,6 +456,7 @@ fn verify_runs_its_statements_as_the_owner_with_a_pinned_search_path() {
 
 #[pg_test]
 fn verification_falls_back_to_sql_without_the_hash_index() {
+    lock_for_ddl();
     let user = new_user();
     let (id, key) = issue(user);
     // Without our unique index the direct probe is impossible; the answers
@@ -801,6 +810,7 @@ fn mk_keys_lists_keys_without_their_hashes() {
 
 #[pg_test]
 fn the_sql_fallback_applies_expiry_grace_and_scopes_too() {
+    lock_for_ddl();
     let user = new_user();
     let (_, key) = issue_with(user, "scopes => '{read}', metadata => '{\"a\": 1}'");
     let expiring_user = new_user();
@@ -827,6 +837,7 @@ fn the_sql_fallback_applies_expiry_grace_and_scopes_too() {
 
 #[pg_test]
 fn a_0_2_0_column_of_another_type_fails_closed() {
+    lock_for_ddl();
     let user = new_user();
     let (id, key) = issue_with(user, "expires_in => '1 hour', scopes => '{read}'");
     Spi::run_with_args(
