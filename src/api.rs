@@ -513,7 +513,9 @@ fn mk_key_is_well_formed(key: &str) -> bool {
 /// The 0.1.0 C symbols of functions that changed in 0.2.0. A database at
 /// 0.1.0 calls them until ALTER EXTENSION makima_keys UPDATE; they keep the
 /// 0.1.0 arguments and result columns, use only the 0.1.0 columns and send
-/// no revocation events.
+/// no revocation events. Their return types are spelled out like those of
+/// the functions with SQL: pgrx resolves them even with `sql = false`, and
+/// refuses a type alias.
 mod v0_1_0 {
     use super::*;
 

@@ -521,21 +521,32 @@ impl Store {
         })
     }
 
+    /// Sets `revoked_at = now()` on the live keys whose `column` equals `value`
+    /// and announces each; returns how many.
+    fn revoke_where(
+        &self,
+        client: &mut SpiClient<'_>,
+        column: &str,
+        value: DatumWithOid<'_>,
+    ) -> i32 {
+        let revoked = client
+            .update(
+                &self.sql(&format!(
+                    "UPDATE {{api_keys}} SET revoked_at = pg_catalog.now()
+                      WHERE {column} = $1 AND {{live}}
+                      RETURNING id"
+                )),
+                None,
+                &[value],
+            )
+            .expect("revoke key");
+        self.announce_revoked(revoked.map(|row| row.get::<pgrx::Uuid>(1)))
+    }
+
     /// `Ok(true)` if this call ended a live key, `Ok(false)` if it had ended.
     pub fn revoke(&self, id: pgrx::Uuid) -> KeyResult<bool> {
         Spi::connect_mut(|client| {
-            let revoked = client
-                .update(
-                    &self.sql(
-                        "UPDATE {api_keys} SET revoked_at = pg_catalog.now()
-                          WHERE id = $1 AND {live}
-                          RETURNING id",
-                    ),
-                    None,
-                    &[id.into()],
-                )
-                .expect("revoke key");
-            if self.announce_revoked(revoked.map(|row| row.get::<pgrx::Uuid>(1))) > 0 {
+            if self.revoke_where(client, "id", id.into()) > 0 {
                 return Ok(true);
             }
             let exists = client
@@ -557,20 +568,7 @@ impl Store {
 
     /// Ends the live key stored under `hash`; true if there was one.
     pub fn revoke_by_hash(&self, hash: &str) -> bool {
-        Spi::connect_mut(|client| {
-            let revoked = client
-                .update(
-                    &self.sql(
-                        "UPDATE {api_keys} SET revoked_at = pg_catalog.now()
-                          WHERE key_hash = $1 AND {live}
-                          RETURNING id",
-                    ),
-                    None,
-                    &[hash.into()],
-                )
-                .expect("revoke key by hash");
-            self.announce_revoked(revoked.map(|row| row.get::<pgrx::Uuid>(1))) > 0
-        })
+        Spi::connect_mut(|client| self.revoke_where(client, "key_hash", hash.into()) > 0)
     }
 }
 
