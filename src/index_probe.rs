@@ -133,6 +133,35 @@ unsafe extern "C-unwind" fn forget_target(_arg: pg_sys::Datum, relid: pg_sys::Oi
     });
 }
 
+/// The transaction and subtransaction in which this backend last locked the
+/// target's table and index. While both are still current the locks are
+/// certainly held: a lock taken in a subtransaction goes only when that
+/// subtransaction aborts (and then the current one has another id) or when
+/// the top transaction ends (another local transaction id). Later calls in
+/// the same subtransaction then open the relations without the lock
+/// manager, as the executor does for every row after its first.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Locked {
+    transaction: pg_sys::LocalTransactionId,
+    subtransaction: pg_sys::SubTransactionId,
+    heap: pg_sys::Oid,
+    index: pg_sys::Oid,
+}
+
+thread_local! {
+    static LOCKED: Cell<Option<Locked>> = const { Cell::new(None) };
+}
+
+/// Forgets the locks when a transaction ends, so that a local transaction id
+/// that comes round again can never match an old entry.
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_locks(
+    _event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    LOCKED.set(None);
+}
+
 /// Looks `hash` up in `api_keys` of `namespace`.
 ///
 /// `None`: the index cannot be used as expected (missing, invalid, or not the
@@ -146,6 +175,7 @@ pub fn find_by_hash(
     unsafe {
         if !CALLBACK_REGISTERED.get() {
             pg_sys::CacheRegisterRelcacheCallback(Some(forget_target), pg_sys::Datum::from(0));
+            pg_sys::RegisterXactCallback(Some(forget_locks), std::ptr::null_mut());
             CALLBACK_REGISTERED.set(true);
         }
         let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
@@ -160,6 +190,15 @@ pub fn find_by_hash(
                     found
                 }
             };
+            let now = Locked {
+                transaction: (*pg_sys::MyProc).lxid,
+                subtransaction: pg_sys::GetCurrentSubTransactionId(),
+                heap: target.heap,
+                index: target.index,
+            };
+            if LOCKED.get() == Some(now) {
+                return Some(probe(&target, None, hash, reading));
+            }
             let heap = pg_sys::try_table_open(target.heap, lock);
             if heap.is_null() {
                 TARGET.set(None);
@@ -174,11 +213,8 @@ pub fn find_by_hash(
                 TARGET.set(None);
                 continue;
             }
-            let found = probe(heap, index, &target.cols, hash, reading);
-            // Like the executor, keep the locks until the end of the transaction.
-            pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
-            pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
-            return Some(found);
+            LOCKED.set(Some(now));
+            return Some(probe(&target, Some((heap, index)), hash, reading));
         }
         None
     }
@@ -236,53 +272,141 @@ unsafe fn usable_columns(
     ok.then_some(cols)
 }
 
-unsafe fn probe(
+/// Postgres functions of the probe, declared here without pgrx's per-call
+/// guard: [`probe`] calls them in two guarded steps instead of one guard
+/// (a `sigsetjmp`) per call, which was a tenth of a verification. Inside
+/// those steps only raw pointers and plain values live on the stack, so an
+/// error raised by Postgres skips no destructor (pgrx's rule for
+/// `pg_guard_ffi_boundary`). Signatures as in pgrx's PostgreSQL 15 bindings.
+mod unguarded {
+    use pgrx::pg_sys::*;
+
+    unsafe extern "C-unwind" {
+        pub fn relation_open(relationId: Oid, lockmode: LOCKMODE) -> Relation;
+        pub fn relation_close(relation: Relation, lockmode: LOCKMODE);
+        pub fn CommandCounterIncrement();
+        pub fn GetTransactionSnapshot() -> Snapshot;
+        pub fn PushActiveSnapshot(snapshot: Snapshot);
+        pub fn UpdateActiveSnapshotCommandId();
+        pub fn GetActiveSnapshot() -> Snapshot;
+        pub fn PopActiveSnapshot();
+        pub fn cstring_to_text_with_len(
+            s: *const ::core::ffi::c_char,
+            len: ::core::ffi::c_int,
+        ) -> *mut text;
+        pub fn ScanKeyEntryInitialize(
+            entry: ScanKey,
+            flags: ::core::ffi::c_int,
+            attributeNumber: AttrNumber,
+            strategy: StrategyNumber,
+            subtype: Oid,
+            collation: Oid,
+            procedure: RegProcedure,
+            argument: Datum,
+        );
+        pub fn index_beginscan(
+            heapRelation: Relation,
+            indexRelation: Relation,
+            snapshot: Snapshot,
+            nkeys: ::core::ffi::c_int,
+            norderbys: ::core::ffi::c_int,
+        ) -> IndexScanDesc;
+        pub fn index_rescan(
+            scan: IndexScanDesc,
+            keys: ScanKey,
+            nkeys: ::core::ffi::c_int,
+            orderbys: ScanKey,
+            norderbys: ::core::ffi::c_int,
+        );
+        pub fn index_getnext_slot(
+            scan: IndexScanDesc,
+            direction: ScanDirection::Type,
+            slot: *mut TupleTableSlot,
+        ) -> bool;
+        pub fn index_endscan(scan: IndexScanDesc);
+        pub fn table_slot_create(rel: Relation, reglist: *mut *mut List) -> *mut TupleTableSlot;
+        pub fn ExecDropSingleTupleTableSlot(slot: *mut TupleTableSlot);
+        pub fn slot_getsomeattrs_int(slot: *mut TupleTableSlot, attnum: ::core::ffi::c_int);
+    }
+}
+
+/// An open probe: the relations, the scan and the slot holding the row found.
+#[derive(Clone, Copy)]
+struct Scan {
     heap: pg_sys::Relation,
     index: pg_sys::Relation,
-    cols: &Columns,
+    scan: pg_sys::IndexScanDesc,
+    slot: *mut pg_sys::TupleTableSlot,
+    found: bool,
+}
+
+/// Probes the index of `target`, whose locks this transaction holds, with
+/// its table and index as just opened, or (`None`) opening them here.
+unsafe fn probe(
+    target: &Target,
+    opened: Option<(pg_sys::Relation, pg_sys::Relation)>,
     hash: &str,
     reading: Reading,
 ) -> Option<FoundKey> {
-    // What SPI does before a statement in a volatile function.
-    pg_sys::CommandCounterIncrement();
-    pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    pg_sys::UpdateActiveSnapshotCommandId();
-    let snapshot = pg_sys::GetActiveSnapshot();
-
-    let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
-    pg_sys::ScanKeyEntryInitialize(
-        &mut key,
-        0,
-        1,
-        pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
-        pg_sys::InvalidOid,
-        *(*index).rd_indcollation,
-        pg_sys::Oid::from(pg_sys::F_TEXTEQ),
-        hash.into_datum().expect("text datum"),
-    );
-    let scan = pg_sys::index_beginscan(heap, index, snapshot, 1, 0);
-    pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
-    let slot = pg_sys::table_slot_create(heap, std::ptr::null_mut());
-
-    let found =
-        if pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
-            // Deform only as far as the last column this reading uses.
-            let natts = cols.needed(reading);
-            if ((*slot).tts_nvalid as usize) < natts {
-                pg_sys::slot_getsomeattrs_int(slot, natts as i32);
-            }
-            let values = std::slice::from_raw_parts((*slot).tts_values, natts);
-            let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts);
-            // Values are read (and copied where by reference) while the
-            // tuple is pinned and the snapshot is active.
-            Some(read_row(values, nulls, cols, reading))
-        } else {
-            None
+    use unguarded::*;
+    // Deform only as far as the last column this reading uses.
+    let natts = target.cols.needed(reading) as i32;
+    let no_lock = pg_sys::NoLock as pg_sys::LOCKMODE;
+    let open = pg_sys::ffi::pg_guard_ffi_boundary(|| {
+        let (heap, index) = match opened {
+            Some(relations) => relations,
+            None => (
+                relation_open(target.heap, no_lock),
+                relation_open(target.index, no_lock),
+            ),
         };
-
-    pg_sys::ExecDropSingleTupleTableSlot(slot);
-    pg_sys::index_endscan(scan);
-    pg_sys::PopActiveSnapshot();
+        // What SPI does before a statement in a volatile function.
+        CommandCounterIncrement();
+        PushActiveSnapshot(GetTransactionSnapshot());
+        UpdateActiveSnapshotCommandId();
+        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+        let hash_text = cstring_to_text_with_len(hash.as_ptr().cast(), hash.len() as i32);
+        ScanKeyEntryInitialize(
+            &mut key,
+            0,
+            1,
+            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::InvalidOid,
+            *(*index).rd_indcollation,
+            pg_sys::Oid::from(pg_sys::F_TEXTEQ),
+            pg_sys::Datum::from(hash_text),
+        );
+        let scan = index_beginscan(heap, index, GetActiveSnapshot(), 1, 0);
+        index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
+        let slot = table_slot_create(heap, std::ptr::null_mut());
+        let found = index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot);
+        if found && (*slot).tts_nvalid < natts as pg_sys::AttrNumber {
+            slot_getsomeattrs_int(slot, natts);
+        }
+        Scan {
+            heap,
+            index,
+            scan,
+            slot,
+            found,
+        }
+    });
+    // Values are read (and copied where by reference) while the tuple is
+    // pinned and the snapshot is active.
+    let found = open.found.then(|| {
+        let natts = natts as usize;
+        let values = std::slice::from_raw_parts((*open.slot).tts_values, natts);
+        let nulls = std::slice::from_raw_parts((*open.slot).tts_isnull, natts);
+        read_row(values, nulls, &target.cols, reading)
+    });
+    pg_sys::ffi::pg_guard_ffi_boundary(|| {
+        ExecDropSingleTupleTableSlot(open.slot);
+        index_endscan(open.scan);
+        PopActiveSnapshot();
+        // Like the executor, keep the locks until the end of the transaction.
+        relation_close(open.index, no_lock);
+        relation_close(open.heap, no_lock);
+    });
     found
 }
 

@@ -131,6 +131,55 @@ def test_race_revoke_against_verify(sessions):
         assert b.run("SELECT status FROM mk_verify_detail(%s)", (key,)) == ("ok", "revoked")
 
 
+def locks_on_key_table(conn):
+    """The read locks this session holds on api_keys and on the index mk_verify probes."""
+    return sorted(conn.execute(
+        """SELECT c.relname, l.mode FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+            WHERE l.pid = pg_backend_pid() AND l.granted AND l.mode = 'AccessShareLock'
+              AND c.relname IN ('api_keys', 'idx_api_keys_key_hash_unique')""").fetchall())
+
+
+def test_verification_keeps_its_locks_after_a_rolled_back_savepoint(sessions):
+    """mk_verify skips the lock manager on later calls in the subtransaction
+    that locked api_keys. A savepoint rolled back releases those locks, so the
+    next call must take them again, or a concurrent DROP INDEX could run
+    during its probe."""
+    a, b, observer = sessions
+    user = add_user(observer.conn)
+    key = observer.conn.execute("SELECT key FROM mk_issue_key(%s)", (user,)).fetchone()[0]
+    # Used once already, so that the calls below only read.
+    assert observer.run("SELECT mk_verify(%s)", (key,)) == ("ok", user)
+    expected = [("api_keys", "AccessShareLock"), ("idx_api_keys_key_hash_unique", "AccessShareLock")]
+    conn = a.conn
+    conn.execute("BEGIN")
+    conn.execute("SAVEPOINT first")
+    assert conn.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0] == user
+    assert conn.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0] == user
+    assert locks_on_key_table(conn) == expected
+    conn.execute("ROLLBACK TO SAVEPOINT first")
+    assert locks_on_key_table(conn) == []
+    # The same subtransaction nesting level, a new subtransaction.
+    assert conn.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0] == user
+    assert locks_on_key_table(conn) == expected
+    # And a DDL that needs the index to itself waits for this transaction.
+    b.run("SET lock_timeout = '300ms'")
+    assert b.run("DROP INDEX idx_api_keys_key_hash_unique") == ("error", "55P03")
+    conn.execute("ROLLBACK")
+    # One level down: locks taken in a savepoint that is released belong to
+    # its parent, and go when the parent is rolled back.
+    conn.execute("BEGIN")
+    conn.execute("SAVEPOINT outer_sp")
+    conn.execute("SAVEPOINT inner_sp")
+    assert conn.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0] == user
+    conn.execute("RELEASE SAVEPOINT inner_sp")
+    assert locks_on_key_table(conn) == expected
+    conn.execute("ROLLBACK TO SAVEPOINT outer_sp")
+    assert locks_on_key_table(conn) == []
+    assert conn.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0] == user
+    assert locks_on_key_table(conn) == expected
+    conn.execute("ROLLBACK")
+
+
 def test_race_delete_user_against_issue(sessions):
     a, b, observer = sessions
     for i in range(RACE_ITERATIONS):

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Instruction counts per call under valgrind's callgrind (see bench/callgrind.py):
+# installs what is needed, builds and installs the release build, prepares a
+# database of KEYS keys (default 100,000) in a throwaway cluster, stops it, and
+# runs each case in a single-user backend. About 5 minutes.
+#   bash bench/callgrind.sh [--keys N]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PG_BIN=/usr/lib/postgresql/15/bin
+PORT=${MK_CALLGRIND_PORT:-26450}
+KEYS=100000
+SAMPLE=20000
+if [ "${1:-}" = "--keys" ]; then KEYS=$2; fi
+
+bash scripts/install-deps.sh
+if ! command -v valgrind >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends valgrind
+fi
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+bash scripts/install-extension.sh --release
+
+WORK=$(mktemp -d /tmp/makima-keys-callgrind.XXXXXX)
+chmod 777 "$WORK"
+trap 'bash scripts/cluster.sh stop "$WORK"; rm -rf "$WORK"' EXIT
+bash scripts/cluster.sh start "$WORK" "$PORT"
+psql="$PG_BIN/psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p $PORT -U postgres"
+$psql -d postgres -c "CREATE DATABASE cg"
+$psql -d cg <<SQL
+CREATE TABLE users (id uuid PRIMARY KEY DEFAULT gen_random_uuid());
+CREATE EXTENSION makima_keys;
+\i bench/diy.sql
+INSERT INTO users SELECT gen_random_uuid() FROM generate_series(1, $KEYS - $SAMPLE);
+SELECT count(*) FROM users u, LATERAL mk_issue_key(u.id) k;
+-- Plaintext keys of the sample, for this measurement only.
+CREATE TABLE fresh AS SELECT gen_random_uuid() AS id FROM generate_series(1, $SAMPLE);
+INSERT INTO users SELECT id FROM fresh;
+CREATE TABLE sample AS SELECT k.key, mk_hash_key(k.key) AS hash FROM fresh u, LATERAL mk_issue_key(u.id) k;
+SELECT count(mk_verify(key)) FROM sample;
+VACUUM ANALYZE;
+SQL
+bash scripts/cluster.sh stop "$WORK"
+.venv/bin/python bench/callgrind.py --pgdata "$WORK/data" --work "$WORK" --sample "$SAMPLE"
