@@ -15,6 +15,7 @@ software (a few thousand instructions per key more than on this CPU).
 
 import argparse
 import os
+import random
 import pathlib
 import re
 import subprocess
@@ -43,6 +44,10 @@ SETTINGS = [
     "SET jit = off;",
     "PREPARE mk_issue AS " + ISSUE_MK + ";",
     "PREPARE diy_issue AS " + ISSUE_DIY + ";",
+    # One verification per transaction, as in the pgbench cases.
+    "PREPARE mk_verify_txn(int) AS SELECT mk_verify((SELECT key FROM sample WHERE i = $1));",
+    "PREPARE lookup_txn(int) AS SELECT k.user_id FROM public.api_keys k"
+    " WHERE k.key_hash = (SELECT hash FROM sample WHERE i = $1) AND k.revoked_at IS NULL;",
 ]
 
 
@@ -74,27 +79,41 @@ def main():
     parser.add_argument("--pgdata", type=pathlib.Path, required=True)
     parser.add_argument("--work", type=pathlib.Path, required=True)
     parser.add_argument("--db", default="cg")
-    parser.add_argument("--issues", type=int, default=2000, help="issue calls per case")
+    parser.add_argument("--issues", type=int, default=2000,
+                        help="statements per case for the issue and one-call-per-transaction cases")
     parser.add_argument("--sample", type=int, required=True, help="keys in the sample table")
     args = parser.parse_args()
 
-    warm = SETTINGS + ["EXECUTE mk_issue;", "EXECUTE diy_issue;"] * 300 + list(SERVER_SIDE.values())
+    # The same random keys for both one-call-per-transaction cases.
+    rng = random.Random(1)
+    keys = [rng.randint(1, args.sample) for _ in range(args.issues)]
+
+    def transactions(statement):
+        return [f"EXECUTE {statement}({i});" for i in keys]
+
+    warm = (SETTINGS + ["EXECUTE mk_issue;", "EXECUTE diy_issue;"] * 300 + list(SERVER_SIDE.values())
+            + transactions("mk_verify_txn")[:300] + transactions("lookup_txn")[:300])
     cases = {
         "mk_issue_key": ["EXECUTE mk_issue;"] * args.issues,
         "diy_issue_key": ["EXECUTE diy_issue;"] * args.issues,
+        "mk_verify txn": transactions("mk_verify_txn"),
+        "lookup txn": transactions("lookup_txn"),
     }
     cases.update({name: [sql] for name, sql in SERVER_SIDE.items()})
     base = instructions(args, "warm-up", warm)
     per_call = {}
     for name, statements in cases.items():
-        calls = args.issues if "issue" in name else args.sample
+        calls = len(statements) if len(statements) > 1 else args.sample
         per_call[name] = (instructions(args, name, warm + statements) - base) / calls
         print(f"{name:15} {per_call[name]:10,.0f} instructions per call", flush=True)
 
     print()
     print(f"mk_issue_key / diy_issue_key      {per_call['mk_issue_key'] / per_call['diy_issue_key']:.3f}"
           "   (instructions per call; lower is cheaper)")
-    print(f"mk_verify / executor index probe  {per_call['mk_verify'] / per_call['index probe']:.3f}")
+    print(f"mk_verify txn / bare lookup txn   {per_call['mk_verify txn'] / per_call['lookup txn']:.3f}"
+          "   (one call per transaction, as in pgbench)")
+    print(f"mk_verify / executor index probe  {per_call['mk_verify'] / per_call['index probe']:.3f}"
+          "   (server side, one statement)")
     hashing = per_call["mk_hash_key"] - per_call["scan only"]
     print(f"  the same without the key check and hash ({hashing:,.0f} under valgrind)"
           f"  {(per_call['mk_verify'] - hashing) / per_call['index probe']:.3f}")

@@ -35,7 +35,9 @@ SELECT count(*) FROM users u, LATERAL mk_issue_key(u.id) k;
 -- Plaintext keys of the sample, for this measurement only.
 CREATE TABLE fresh AS SELECT gen_random_uuid() AS id FROM generate_series(1, $SAMPLE);
 INSERT INTO users SELECT id FROM fresh;
-CREATE TABLE sample AS SELECT k.key, mk_hash_key(k.key) AS hash FROM fresh u, LATERAL mk_issue_key(u.id) k;
+CREATE TABLE sample AS SELECT (row_number() OVER ())::int AS i, k.key, mk_hash_key(k.key) AS hash
+                        FROM fresh u, LATERAL mk_issue_key(u.id) k;
+ALTER TABLE sample ADD PRIMARY KEY (i);
 SELECT count(mk_verify(key)) FROM sample;
 VACUUM ANALYZE;
 SQL
