@@ -133,33 +133,21 @@ unsafe extern "C-unwind" fn forget_target(_arg: pg_sys::Datum, relid: pg_sys::Oi
     });
 }
 
-/// The transaction and subtransaction in which this backend last locked the
-/// target's table and index. While both are still current the locks are
-/// certainly held: a lock taken in a subtransaction goes only when that
-/// subtransaction aborts (and then the current one has another id) or when
-/// the top transaction ends (another local transaction id). Later calls in
-/// the same subtransaction then open the relations without the lock
-/// manager, as the executor does for every row after its first.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Locked {
-    transaction: pg_sys::LocalTransactionId,
-    subtransaction: pg_sys::SubTransactionId,
-    heap: pg_sys::Oid,
-    index: pg_sys::Oid,
-}
-
-thread_local! {
-    static LOCKED: Cell<Option<Locked>> = const { Cell::new(None) };
-}
-
-/// Forgets the locks when a transaction ends, so that a local transaction id
-/// that comes round again can never match an old entry.
-#[pg_guard]
-unsafe extern "C-unwind" fn forget_locks(
-    _event: pg_sys::XactEvent::Type,
-    _arg: *mut std::ffi::c_void,
-) {
-    LOCKED.set(None);
+/// Whether this backend holds `AccessShareLock` on relation `relid` of this
+/// database, in any of its resource owners: the lock manager's own record,
+/// not a guess from transaction or subtransaction ids (a failed cursor's
+/// locks go when a savepoint rolls back, while the subtransaction id the
+/// caller sees comes back to what it was).
+unsafe fn share_lock_held(relid: pg_sys::Oid) -> bool {
+    let tag = pg_sys::LOCKTAG {
+        locktag_field1: pg_sys::MyDatabaseId.to_u32(),
+        locktag_field2: relid.to_u32(),
+        locktag_field3: 0,
+        locktag_field4: 0,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_RELATION as u8,
+        locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
+    };
+    pg_sys::LockHeldByMe(&tag, pg_sys::AccessShareLock as pg_sys::LOCKMODE)
 }
 
 /// Looks `hash` up in `api_keys` of `namespace`.
@@ -175,7 +163,6 @@ pub fn find_by_hash(
     unsafe {
         if !CALLBACK_REGISTERED.get() {
             pg_sys::CacheRegisterRelcacheCallback(Some(forget_target), pg_sys::Datum::from(0));
-            pg_sys::RegisterXactCallback(Some(forget_locks), std::ptr::null_mut());
             CALLBACK_REGISTERED.set(true);
         }
         let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
@@ -190,13 +177,11 @@ pub fn find_by_hash(
                     found
                 }
             };
-            let now = Locked {
-                transaction: (*pg_sys::MyProc).lxid,
-                subtransaction: pg_sys::GetCurrentSubTransactionId(),
-                heap: target.heap,
-                index: target.index,
-            };
-            if LOCKED.get() == Some(now) {
+            // Locks this transaction already holds stay until it ends or the
+            // owner that took them goes; while held, nobody can drop or
+            // rewrite either relation, so they are opened without the lock
+            // manager, as the executor does for every row after its first.
+            if share_lock_held(target.heap) && share_lock_held(target.index) {
                 return Some(probe(&target, None, hash, reading));
             }
             let heap = pg_sys::try_table_open(target.heap, lock);
@@ -213,7 +198,6 @@ pub fn find_by_hash(
                 TARGET.set(None);
                 continue;
             }
-            LOCKED.set(Some(now));
             return Some(probe(&target, Some((heap, index)), hash, reading));
         }
         None

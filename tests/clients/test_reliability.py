@@ -140,10 +140,10 @@ def locks_on_key_table(conn):
 
 
 def test_verification_keeps_its_locks_after_a_rolled_back_savepoint(sessions):
-    """mk_verify skips the lock manager on later calls in the subtransaction
-    that locked api_keys. A savepoint rolled back releases those locks, so the
-    next call must take them again, or a concurrent DROP INDEX could run
-    during its probe."""
+    """mk_verify skips taking its locks again while this backend holds them.
+    A savepoint rolled back, or a failed cursor, releases them, so the next
+    call must take them again, or a concurrent DROP INDEX could run during its
+    probe."""
     a, b, observer = sessions
     user = add_user(observer.conn)
     key = observer.conn.execute("SELECT key FROM mk_issue_key(%s)", (user,)).fetchone()[0]
@@ -177,6 +177,23 @@ def test_verification_keeps_its_locks_after_a_rolled_back_savepoint(sessions):
     assert locks_on_key_table(conn) == []
     assert conn.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0] == user
     assert locks_on_key_table(conn) == expected
+    conn.execute("ROLLBACK")
+    # Locks taken inside a cursor belong to it. When a fetch fails inside a
+    # savepoint, rolling the savepoint back releases them, and after RELEASE
+    # the session is back in the subtransaction that ran the first fetch.
+    conn.execute("BEGIN")
+    conn.execute("DECLARE c CURSOR FOR SELECT mk_verify(%s) FROM generate_series(1, 2) i"
+                 " WHERE 1 / (2 - i) IS NOT NULL", (key,))
+    assert conn.execute("FETCH 1 FROM c").fetchone()[0] == user
+    assert locks_on_key_table(conn) == expected
+    conn.execute("SAVEPOINT s")
+    assert sqlstate_of(conn, "FETCH 1 FROM c") == "22012"
+    conn.execute("ROLLBACK TO SAVEPOINT s")
+    conn.execute("RELEASE SAVEPOINT s")
+    assert locks_on_key_table(conn) == []
+    assert conn.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0] == user
+    assert locks_on_key_table(conn) == expected
+    assert b.run("DROP INDEX idx_api_keys_key_hash_unique") == ("error", "55P03")
     conn.execute("ROLLBACK")
 
 
