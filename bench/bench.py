@@ -131,27 +131,35 @@ def throughput(args, rows):
             conn.execute("ALTER TABLE public.users RESET (autovacuum_enabled)")
 
 
+# Settings and statements of the server-side measurement (also used by
+# callgrind.py). Per-call cost in one process for every case: a parallel plan
+# would split the executor's probes over two processes (mk_verify is parallel
+# unsafe, as a function that may write must be), and JIT compilation would
+# add its own start-up time to one case only.
+SERVER_SIDE_SETTINGS = [
+    "SET enable_hashjoin = off",
+    "SET enable_mergejoin = off",
+    "SET max_parallel_workers_per_gather = 0",
+    "SET jit = off",
+]
+SERVER_SIDE_STATEMENTS = {
+    "scan only": "SELECT count(key) FROM bench.sample",
+    "index probe": "SELECT count(k.user_id) FROM bench.sample s JOIN public.api_keys k"
+                   " ON k.key_hash = s.hash AND k.revoked_at IS NULL",
+    "mk_verify": "SELECT count(mk_verify(key)) FROM bench.sample",
+    "diy_verify_ro": "SELECT count(diy.diy_verify_ro(key)) FROM bench.sample",
+}
+
+
 def server_side(args, rows):
     """Per-call cost inside one statement over the sample keys, no network."""
     with connect(args) as conn:
         # Write last_used_at once for every sample key, then measure the
         # steady state in which a verification only reads.
         conn.execute("SELECT count(mk_verify(key)) FROM bench.sample")
-        conn.execute("SET enable_hashjoin = off")
-        conn.execute("SET enable_mergejoin = off")
-        # Per-call cost in one process for every case: a parallel plan would
-        # split the executor's probes over two processes (mk_verify is
-        # parallel unsafe, as a function that may write must be), and JIT
-        # compilation would add its own start-up time to one case only.
-        conn.execute("SET max_parallel_workers_per_gather = 0")
-        conn.execute("SET jit = off")
-        statements = {
-            "scan only": "SELECT count(key) FROM bench.sample",
-            "index probe": "SELECT count(k.user_id) FROM bench.sample s JOIN public.api_keys k"
-                           " ON k.key_hash = s.hash AND k.revoked_at IS NULL",
-            "mk_verify": "SELECT count(mk_verify(key)) FROM bench.sample",
-            "diy_verify_ro": "SELECT count(diy.diy_verify_ro(key)) FROM bench.sample",
-        }
+        for setting in SERVER_SIDE_SETTINGS:
+            conn.execute(setting)
+        statements = SERVER_SIDE_STATEMENTS
         for rep in range(1, args.repeats + 1):
             for case, sql in statements.items():
                 started = time.perf_counter()

@@ -20,34 +20,29 @@ import pathlib
 import re
 import subprocess
 
+from bench import SCRIPTS, SERVER_SIDE_SETTINGS, SERVER_SIDE_STATEMENTS
+
 PG_BIN = pathlib.Path("/usr/lib/postgresql/15/bin")
 
-ISSUE_MK = ("WITH u AS (INSERT INTO public.users DEFAULT VALUES RETURNING id) "
-            "SELECT k.key FROM u, LATERAL mk_issue_key(u.id) k")
-ISSUE_DIY = ("WITH u AS (INSERT INTO public.users DEFAULT VALUES RETURNING id) "
-             "SELECT diy.diy_issue_key(u.id) FROM u")
-SERVER_SIDE = {
-    "scan only": "SELECT count(key) FROM sample;",
-    # The key check and SHA-256 alone, to show what software hashing adds.
-    "mk_hash_key": "SELECT count(mk_hash_key(key)) FROM sample;",
-    "index probe": "SELECT count(k.user_id) FROM sample s JOIN public.api_keys k"
-                   " ON k.key_hash = s.hash AND k.revoked_at IS NULL;",
-    "mk_verify": "SELECT count(mk_verify(key)) FROM sample;",
-    "diy_verify_ro": "SELECT count(diy.diy_verify_ro(key)) FROM sample;",
-}
+
+def pgbench_statement(script):
+    """The SQL of a pgbench script of bench/scripts, with `:i` as `$1`."""
+    lines = [line for line in (SCRIPTS / script).read_text().splitlines() if not line.startswith("\\")]
+    return re.sub(r"(?<!:):i\b", "$1", " ".join(lines).strip().rstrip(";"))
+
+
+SERVER_SIDE = dict(SERVER_SIDE_STATEMENTS)
+# The key check and SHA-256 alone, to show what software hashing adds.
+SERVER_SIDE["mk_hash_key"] = "SELECT count(mk_hash_key(key)) FROM bench.sample"
 SETTINGS = [
     # Steady state: every sample key was stamped when the sample was made.
-    "SET makima_keys.last_used_interval = 100000000;",
-    "SET enable_hashjoin = off;",
-    "SET enable_mergejoin = off;",
-    "SET max_parallel_workers_per_gather = 0;",
-    "SET jit = off;",
-    "PREPARE mk_issue AS " + ISSUE_MK + ";",
-    "PREPARE diy_issue AS " + ISSUE_DIY + ";",
+    "SET makima_keys.last_used_interval = 100000000",
+    *SERVER_SIDE_SETTINGS,
+    "PREPARE mk_issue AS " + pgbench_statement("mk_issue_key.sql"),
+    "PREPARE diy_issue AS " + pgbench_statement("diy_issue_key.sql"),
     # One verification per transaction, as in the pgbench cases.
-    "PREPARE mk_verify_txn(int) AS SELECT mk_verify((SELECT key FROM sample WHERE i = $1));",
-    "PREPARE lookup_txn(int) AS SELECT k.user_id FROM public.api_keys k"
-    " WHERE k.key_hash = (SELECT hash FROM sample WHERE i = $1) AND k.revoked_at IS NULL;",
+    "PREPARE mk_verify_txn(int) AS " + pgbench_statement("mk_verify.sql"),
+    "PREPARE lookup_txn(int) AS " + pgbench_statement("lookup.sql"),
 ]
 
 
@@ -59,7 +54,7 @@ def instructions(args, name, statements):
     """Runs the statements in a single-user backend under callgrind; returns
     the instructions executed."""
     script = args.work / f"{name}.sql"
-    script.write_text("\n".join(statements) + "\n")
+    script.write_text("".join(f"{sql};\n" for sql in statements))
     os.chmod(script, 0o644)
     out = args.work / f"{name}.callgrind"
     cmd = as_postgres(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
@@ -89,13 +84,13 @@ def main():
     keys = [rng.randint(1, args.sample) for _ in range(args.issues)]
 
     def transactions(statement):
-        return [f"EXECUTE {statement}({i});" for i in keys]
+        return [f"EXECUTE {statement}({i})" for i in keys]
 
-    warm = (SETTINGS + ["EXECUTE mk_issue;", "EXECUTE diy_issue;"] * 300 + list(SERVER_SIDE.values())
+    warm = (SETTINGS + ["EXECUTE mk_issue", "EXECUTE diy_issue"] * 300 + list(SERVER_SIDE.values())
             + transactions("mk_verify_txn")[:300] + transactions("lookup_txn")[:300])
     cases = {
-        "mk_issue_key": ["EXECUTE mk_issue;"] * args.issues,
-        "diy_issue_key": ["EXECUTE diy_issue;"] * args.issues,
+        "mk_issue_key": ["EXECUTE mk_issue"] * args.issues,
+        "diy_issue_key": ["EXECUTE diy_issue"] * args.issues,
         "mk_verify txn": transactions("mk_verify_txn"),
         "lookup txn": transactions("lookup_txn"),
     }
