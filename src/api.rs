@@ -18,9 +18,10 @@ use crate::error::{KeyError, KeyResult};
 use crate::hashing::{hash_key, KeyHash};
 use crate::jsonb::StoredJsonb;
 use crate::key_format::{self, KeyShape};
+use crate::one_row::OneRow;
 use crate::policy::{self, KeyStatus, Requirement, ScopeProblem};
 use crate::settings;
-use crate::store::{self, NewKey, Reading, Store};
+use crate::store::{self, IssuedRow, NewKey, Reading, Store};
 
 /// The seed declares `name VARCHAR(255)`.
 const NAME_MAX_CHARS: usize = 255;
@@ -146,16 +147,49 @@ fn issue_options(
     })
 }
 
+/// A new key, as the issuing functions return it.
+struct Issued {
+    row: IssuedRow,
+    key: String,
+    prefix: String,
+}
+
+/// The columns of the issuing functions' rows: id, key, key_prefix, created_at.
+const ISSUED_ROW_TYPES: [pg_sys::Oid; 4] = [
+    pg_sys::UUIDOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::TIMESTAMPTZOID,
+];
+
+impl Issued {
+    /// For the 0.1.0 entry points, which keep pgrx's value-per-call return.
+    fn into_table(self) -> IssuedKey {
+        TableIterator::once((self.row.id, self.key, self.prefix, self.row.created_at))
+    }
+
+    fn into_row(self, row: OneRow) {
+        let values = [
+            self.row.id.into_datum(),
+            self.key.into_datum(),
+            self.prefix.into_datum(),
+            self.row.created_at.into_datum(),
+        ];
+        // SAFETY: the values are of ISSUED_ROW_TYPES, which `row` was begun with.
+        unsafe { row.put(values) }
+    }
+}
+
 fn issue(
     store: &Store,
     user_id: pgrx::Uuid,
     new: NewKey<'_>,
     function: &'static str,
-) -> KeyResult<IssuedKey> {
+) -> KeyResult<Issued> {
     let key = key_format::generate(&mut OsRng).map_err(|_| KeyError::RandomnessUnavailable)?;
     let prefix = key_format::display_prefix(&key).to_owned();
     let row = store.insert_active(user_id, &hash_key(&key), &prefix, new, function);
-    Ok(TableIterator::once((row.id, key, prefix, row.created_at)))
+    Ok(Issued { row, key, prefix })
 }
 
 fn plain_key(name: Option<&str>) -> NewKey<'_> {
@@ -168,24 +202,38 @@ fn plain_key(name: Option<&str>) -> NewKey<'_> {
 }
 
 /// Issues a new active key for `user_id`. The key is returned once and stored nowhere.
-#[pg_extern(name = "mk_issue_key", security_definer, volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
+///
+/// The SQL is written out because the row is returned in materialize mode
+/// (see `one_row`), which pgrx cannot declare; it is the definition pgrx
+/// generated for 0.2.0, word for word.
+#[pg_extern(sql = r#"
+CREATE FUNCTION "mk_issue_key"(
+	"user_id" uuid,
+	"name" TEXT DEFAULT NULL,
+	"expires_in" interval DEFAULT NULL,
+	"scopes" TEXT[] DEFAULT NULL,
+	"metadata" jsonb DEFAULT NULL
+) RETURNS TABLE (
+	"id" uuid,
+	"key" TEXT,
+	"key_prefix" TEXT,
+	"created_at" timestamp with time zone
+)
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'mk_issue_key_v2_wrapper';
+"#)]
 fn mk_issue_key_v2(
     user_id: Option<pgrx::Uuid>,
-    name: default!(Option<&str>, "NULL"),
-    expires_in: default!(Option<Interval>, "NULL"),
-    scopes: default!(Option<Array<&str>>, "NULL"),
-    metadata: default!(Option<StoredJsonb>, "NULL"),
+    name: Option<&str>,
+    expires_in: Option<Interval>,
+    scopes: Option<Array<&str>>,
+    metadata: Option<StoredJsonb>,
     fcinfo: pg_sys::FunctionCallInfo,
-) -> TableIterator<
-    'static,
-    (
-        name!(id, pgrx::Uuid),
-        name!(key, String),
-        name!(key_prefix, String),
-        name!(created_at, TimestampWithTimeZone),
-    ),
-> {
+) {
+    // SAFETY: our own fcinfo; the SQL above declares rows of these types.
+    let row = unsafe { OneRow::begin(fcinfo, &ISSUED_ROW_TYPES) };
     let result = required(user_id, "user_id").and_then(|user_id| {
         let options = issue_options(name, expires_in, scopes, metadata)?;
         let new = NewKey {
@@ -201,31 +249,47 @@ fn mk_issue_key_v2(
             "mk_issue_key",
         )
     });
-    result.unwrap_or_else(|e| e.raise("mk_issue_key"))
+    match result {
+        Ok(issued) => issued.into_row(row),
+        Err(e) => e.raise("mk_issue_key"),
+    }
 }
 
 /// Ends the user's live keys (the active one after `grace`) and issues a new
 /// one, in one statement. Options not given are taken from the active key,
 /// so a rotation never widens what a key may do.
-#[pg_extern(name = "mk_rotate_key", security_definer, volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
+///
+/// The SQL is written out for the reason given at `mk_issue_key_v2`.
+#[pg_extern(sql = r#"
+CREATE FUNCTION "mk_rotate_key"(
+	"user_id" uuid,
+	"name" TEXT DEFAULT NULL,
+	"expires_in" interval DEFAULT NULL,
+	"scopes" TEXT[] DEFAULT NULL,
+	"metadata" jsonb DEFAULT NULL,
+	"grace" interval DEFAULT NULL
+) RETURNS TABLE (
+	"id" uuid,
+	"key" TEXT,
+	"key_prefix" TEXT,
+	"created_at" timestamp with time zone
+)
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'mk_rotate_key_v2_wrapper';
+"#)]
 fn mk_rotate_key_v2(
     user_id: Option<pgrx::Uuid>,
-    name: default!(Option<&str>, "NULL"),
-    expires_in: default!(Option<Interval>, "NULL"),
-    scopes: default!(Option<Array<&str>>, "NULL"),
-    metadata: default!(Option<StoredJsonb>, "NULL"),
-    grace: default!(Option<Interval>, "NULL"),
+    name: Option<&str>,
+    expires_in: Option<Interval>,
+    scopes: Option<Array<&str>>,
+    metadata: Option<StoredJsonb>,
+    grace: Option<Interval>,
     fcinfo: pg_sys::FunctionCallInfo,
-) -> TableIterator<
-    'static,
-    (
-        name!(id, pgrx::Uuid),
-        name!(key, String),
-        name!(key_prefix, String),
-        name!(created_at, TimestampWithTimeZone),
-    ),
-> {
+) {
+    // SAFETY: our own fcinfo; the SQL above declares rows of these types.
+    let row = unsafe { OneRow::begin(fcinfo, &ISSUED_ROW_TYPES) };
     let result = required(user_id, "user_id").and_then(|user_id| {
         let options = issue_options(name, expires_in, scopes, metadata)?;
         let grace = grace_period(grace)?;
@@ -253,7 +317,10 @@ fn mk_rotate_key_v2(
         };
         issue(&store, user_id, new, "mk_rotate_key")
     });
-    result.unwrap_or_else(|e| e.raise("mk_rotate_key"))
+    match result {
+        Ok(issued) => issued.into_row(row),
+        Err(e) => e.raise("mk_rotate_key"),
+    }
 }
 
 /// What a verification found; `Malformed` and `NotFound` carry no row.
@@ -408,58 +475,102 @@ fn detail_row(verdict: Verdict) -> DetailRow {
     }
 }
 
+/// The columns of mk_verify_detail: status, key_id, user_id, key_prefix,
+/// name, expires_at, revoked_at, scopes, metadata.
+const DETAIL_ROW_TYPES: [pg_sys::Oid; 9] = [
+    pg_sys::TEXTOID,
+    pg_sys::UUIDOID,
+    pg_sys::UUIDOID,
+    pg_sys::TEXTOID,
+    pg_sys::TEXTOID,
+    pg_sys::TIMESTAMPTZOID,
+    pg_sys::TIMESTAMPTZOID,
+    pg_sys::TEXTARRAYOID,
+    pg_sys::JSONBOID,
+];
+
+fn put_detail_row(row: OneRow, detail: DetailRow) {
+    let (status, key_id, user_id, key_prefix, name, expires_at, revoked_at, scopes, metadata) =
+        detail;
+    let values = [
+        status.into_datum(),
+        key_id.into_datum(),
+        user_id.into_datum(),
+        key_prefix.into_datum(),
+        name.into_datum(),
+        expires_at.into_datum(),
+        revoked_at.into_datum(),
+        scopes.into_datum(),
+        metadata.into_datum(),
+    ];
+    // SAFETY: the values are of DETAIL_ROW_TYPES, which `row` was begun with.
+    unsafe { row.put(values) }
+}
+
 /// Always one row: why a key does or does not verify, and what it holds.
-// pgrx reads the column names from the literal return type.
-#[allow(clippy::type_complexity)]
-#[pg_extern(name = "mk_verify_detail", security_definer, volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
-fn mk_verify_detail_v2(
-    key: Option<&str>,
-    fcinfo: pg_sys::FunctionCallInfo,
-) -> TableIterator<
-    'static,
-    (
-        name!(status, String),
-        name!(key_id, Option<pgrx::Uuid>),
-        name!(user_id, Option<pgrx::Uuid>),
-        name!(key_prefix, Option<String>),
-        name!(name, Option<String>),
-        name!(expires_at, Option<TimestampWithTimeZone>),
-        name!(revoked_at, Option<TimestampWithTimeZone>),
-        name!(scopes, Option<Vec<String>>),
-        name!(metadata, Option<StoredJsonb>),
-    ),
-> {
-    TableIterator::once(detail_row(verify_key(fcinfo, key, Requirement::None, true)))
+///
+/// The SQL is written out for the reason given at `mk_issue_key_v2`.
+#[pg_extern(sql = r#"
+CREATE FUNCTION "mk_verify_detail"(
+	"key" TEXT
+) RETURNS TABLE (
+	"status" TEXT,
+	"key_id" uuid,
+	"user_id" uuid,
+	"key_prefix" TEXT,
+	"name" TEXT,
+	"expires_at" timestamp with time zone,
+	"revoked_at" timestamp with time zone,
+	"scopes" TEXT[],
+	"metadata" jsonb
+)
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'mk_verify_detail_v2_wrapper';
+"#)]
+fn mk_verify_detail_v2(key: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) {
+    // SAFETY: our own fcinfo; the SQL above declares rows of these types.
+    let row = unsafe { OneRow::begin(fcinfo, &DETAIL_ROW_TYPES) };
+    put_detail_row(
+        row,
+        detail_row(verify_key(fcinfo, key, Requirement::None, true)),
+    );
 }
 
 /// As `mk_verify_detail(key)`, with status `insufficient_scope` for a live
 /// key that lacks one of `required_scopes`.
-#[allow(clippy::type_complexity)]
-#[pg_extern(name = "mk_verify_detail", security_definer, volatile, parallel_unsafe)]
-#[search_path(pg_catalog, pg_temp)]
+#[pg_extern(sql = r#"
+CREATE FUNCTION "mk_verify_detail"(
+	"key" TEXT,
+	"required_scopes" TEXT[]
+) RETURNS TABLE (
+	"status" TEXT,
+	"key_id" uuid,
+	"user_id" uuid,
+	"key_prefix" TEXT,
+	"name" TEXT,
+	"expires_at" timestamp with time zone,
+	"revoked_at" timestamp with time zone,
+	"scopes" TEXT[],
+	"metadata" jsonb
+)
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'mk_verify_detail_scoped_wrapper';
+"#)]
 fn mk_verify_detail_scoped(
     key: Option<&str>,
     required_scopes: Option<Array<&str>>,
     fcinfo: pg_sys::FunctionCallInfo,
-) -> TableIterator<
-    'static,
-    (
-        name!(status, String),
-        name!(key_id, Option<pgrx::Uuid>),
-        name!(user_id, Option<pgrx::Uuid>),
-        name!(key_prefix, Option<String>),
-        name!(name, Option<String>),
-        name!(expires_at, Option<TimestampWithTimeZone>),
-        name!(revoked_at, Option<TimestampWithTimeZone>),
-        name!(scopes, Option<Vec<String>>),
-        name!(metadata, Option<StoredJsonb>),
-    ),
-> {
-    let row = with_requirement(required_scopes, |requirement| {
+) {
+    // SAFETY: our own fcinfo; the SQL above declares rows of these types.
+    let row = unsafe { OneRow::begin(fcinfo, &DETAIL_ROW_TYPES) };
+    let detail = with_requirement(required_scopes, |requirement| {
         detail_row(verify_key(fcinfo, key, requirement, true))
     });
-    TableIterator::once(row)
+    put_detail_row(row, detail);
 }
 
 /// True when this call ended a live key, false when it had already ended.
@@ -536,7 +647,7 @@ mod v0_1_0 {
         let result = required(user_id, "user_id").and_then(|user_id| {
             check_name(name)?;
             let store = unsafe { Store::for_call(fcinfo) }.without_events();
-            issue(&store, user_id, plain_key(name), "mk_issue_key")
+            issue(&store, user_id, plain_key(name), "mk_issue_key").map(Issued::into_table)
         });
         result.unwrap_or_else(|e| e.raise("mk_issue_key"))
     }
@@ -559,7 +670,7 @@ mod v0_1_0 {
             check_name(name)?;
             let store = unsafe { Store::for_call(fcinfo) }.without_events();
             store.end_user_keys(user_id, None);
-            issue(&store, user_id, plain_key(name), "mk_rotate_key")
+            issue(&store, user_id, plain_key(name), "mk_rotate_key").map(Issued::into_table)
         });
         result.unwrap_or_else(|e| e.raise("mk_rotate_key"))
     }

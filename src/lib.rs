@@ -11,6 +11,7 @@ pub mod hashing;
 pub mod index_probe;
 pub mod jsonb;
 pub mod key_format;
+pub mod one_row;
 pub mod policy;
 pub mod settings;
 pub mod store;

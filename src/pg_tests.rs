@@ -860,3 +860,117 @@ fn a_0_2_0_column_of_another_type_fails_closed() {
         "00000"
     );
 }
+
+/// The issuing and detail functions return their one row in materialize
+/// mode: every way SQL can call a set-returning function gets exactly one
+/// row, and the function runs exactly once (one key written per call).
+#[pg_test]
+fn one_row_functions_answer_once_in_every_calling_context() {
+    let keys_of = |user: pgrx::Uuid| {
+        Spi::get_one_with_args::<i64>(
+            "SELECT count(*) FROM api_keys WHERE user_id = $1",
+            &[user.into()],
+        )
+        .unwrap()
+        .unwrap()
+    };
+
+    // In FROM, as a LATERAL call per row, in the target list, as a field.
+    let user = new_user();
+    let rows = Spi::get_one_with_args::<i64>("SELECT count(*) FROM mk_issue_key($1)", &[user.into()]);
+    assert_eq!(rows.unwrap(), Some(1));
+    assert_eq!(keys_of(user), 1);
+
+    let users: Vec<pgrx::Uuid> = (0..3).map(|_| new_user()).collect();
+    let issued = Spi::get_one_with_args::<i64>(
+        "SELECT count(mk_verify(k.key)) FROM unnest($1::uuid[]) u(id), LATERAL mk_issue_key(u.id) k",
+        &[users.clone().into()],
+    );
+    assert_eq!(issued.unwrap(), Some(3));
+    for user in &users {
+        assert_eq!(keys_of(*user), 1);
+    }
+
+    let user = new_user();
+    let key = Spi::get_one_with_args::<String>("SELECT (mk_issue_key($1, 'tlist')).key", &[user.into()])
+        .unwrap()
+        .unwrap();
+    assert_eq!(verify(&key), Some(user));
+    assert_eq!(keys_of(user), 1);
+    let record = Spi::get_one_with_args::<String>("SELECT mk_rotate_key($1)::text", &[user.into()])
+        .unwrap()
+        .unwrap();
+    assert!(record.starts_with('('), "a record: {record}");
+    assert_eq!(verify(&key), None, "the rotation ended the old key");
+    assert_eq!(keys_of(user), 2);
+
+    // From PL/pgSQL (SELECT INTO, PERFORM, RETURN QUERY) and a SQL function.
+    let user = new_user();
+    Spi::run_with_args(
+        "CREATE FUNCTION pg_temp.issue_and_check(u uuid) RETURNS text LANGUAGE plpgsql AS $$
+         DECLARE r record;
+         BEGIN
+             SELECT * INTO r FROM mk_issue_key(u);
+             PERFORM mk_verify_detail(r.key);
+             RETURN (SELECT status FROM mk_verify_detail(r.key, ARRAY[]::text[]));
+         END $$",
+        &[],
+    )
+    .unwrap();
+    let checked =
+        Spi::get_one_with_args::<String>("SELECT pg_temp.issue_and_check($1)", &[user.into()]);
+    assert_eq!(checked.unwrap().as_deref(), Some("valid"));
+    Spi::run(
+        "CREATE FUNCTION pg_temp.rotate_in_sql(u uuid)
+         RETURNS TABLE (id uuid, key text, key_prefix text, created_at timestamptz)
+         LANGUAGE sql AS 'SELECT * FROM mk_rotate_key(u)'",
+    )
+    .unwrap();
+    Spi::run(
+        "CREATE FUNCTION pg_temp.rotate_in_plpgsql(u uuid)
+         RETURNS TABLE (id uuid, key text, key_prefix text, created_at timestamptz)
+         LANGUAGE plpgsql AS $$ BEGIN RETURN QUERY SELECT * FROM mk_rotate_key(u); END $$",
+    )
+    .unwrap();
+    let (rotated, from_plpgsql) = Spi::get_two_with_args::<String, String>(
+        "SELECT (SELECT key FROM pg_temp.rotate_in_sql($1)), (SELECT key FROM pg_temp.rotate_in_plpgsql($1))",
+        &[user.into()],
+    )
+    .unwrap();
+    assert_eq!(verify(&rotated.unwrap()), None, "rotated again right after");
+    assert_eq!(verify(&from_plpgsql.unwrap()), Some(user));
+    assert_eq!(keys_of(user), 3);
+
+    // A scrollable cursor reads the row forwards and backwards.
+    let user = new_user();
+    Spi::run_with_args(
+        "DECLARE one_row SCROLL CURSOR FOR SELECT key FROM mk_issue_key($1)",
+        &[user.into()],
+    )
+    .unwrap();
+    let forward = Spi::get_one::<String>("FETCH NEXT FROM one_row").unwrap().unwrap();
+    let past_the_end = Spi::connect(|client| client.select("FETCH NEXT FROM one_row", None, &[]).unwrap().len());
+    assert_eq!(past_the_end, 0);
+    let backward = Spi::get_one::<String>("FETCH PRIOR FROM one_row").unwrap().unwrap();
+    assert_eq!(forward, backward);
+    Spi::run("CLOSE one_row").unwrap();
+    assert_eq!(verify(&forward), Some(user));
+    assert_eq!(keys_of(user), 1);
+
+    // Every column of a detail row, NULLs included, comes through.
+    let (user, key) = {
+        let user = new_user();
+        (user, issue_with(user, "scopes => ARRAY['read'], metadata => '{\"a\": 1}'").1)
+    };
+    let described = Spi::get_one_with_args::<String>(
+        "SELECT (d.status, d.user_id = $2, d.name, d.scopes, d.metadata, d.revoked_at)::text
+           FROM mk_verify_detail($1, ARRAY['read']) d",
+        &[key.as_str().into(), user.into()],
+    );
+    assert_eq!(
+        described.unwrap().as_deref(),
+        Some("(valid,t,,{read},\"{\"\"a\"\": 1}\",)")
+    );
+    assert_eq!(status(Some("not a key")), "not_found");
+    assert_eq!(status(None), "malformed");
+}
