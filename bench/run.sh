@@ -2,7 +2,7 @@
 # One command for the benchmark: installs what is needed, builds and installs
 # the release build, starts a throwaway cluster, runs bench/bench.py against it
 # (arguments are passed on, e.g. --keys 100000 --seconds 5), stops the cluster.
-# Default: 1,000,000 keys, 5 rounds of 10-second pgbench runs, about 40 minutes.
+# Default: 1,000,000 keys, 5 rounds of 10-second pgbench runs, about 20 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PG_BIN=/usr/lib/postgresql/15/bin
