@@ -205,7 +205,7 @@ fn plain_key(name: Option<&str>) -> NewKey<'_> {
 ///
 /// The SQL is written out because the row is returned in materialize mode
 /// (see `one_row`), which pgrx cannot declare; it is the definition pgrx
-/// generated for 0.2.0, word for word.
+/// generated for 0.2.0, without its comments.
 #[pg_extern(sql = r#"
 CREATE FUNCTION "mk_issue_key"(
 	"user_id" uuid,

@@ -40,8 +40,10 @@ impl OneRow {
         } else {
             0
         };
-        // Raises if the caller cannot take a set in materialize mode.
-        pg_sys::InitMaterializedSRF(fcinfo, flags);
+        // Raises if the caller cannot take a set in materialize mode. This is
+        // InitMaterializedSRF under the name it had in PostgreSQL 15.0; 15.1
+        // renamed it and kept this symbol, so the library loads on every 15.x.
+        pg_sys::SetSingleFuncCall(fcinfo, flags);
         let row = OneRow {
             store: (*rsinfo).setResult,
             desc: (*rsinfo).setDesc,
