@@ -168,7 +168,7 @@ impl Issued {
         TableIterator::once((self.row.id, self.key, self.prefix, self.row.created_at))
     }
 
-    fn into_row(self, row: OneRow) {
+    fn into_row(self, row: OneRow<4>) {
         let values = [
             self.row.id.into_datum(),
             self.key.into_datum(),
@@ -489,7 +489,7 @@ const DETAIL_ROW_TYPES: [pg_sys::Oid; 9] = [
     pg_sys::JSONBOID,
 ];
 
-fn put_detail_row(row: OneRow, detail: DetailRow) {
+fn put_detail_row(row: OneRow<9>, detail: DetailRow) {
     let (status, key_id, user_id, key_prefix, name, expires_at, revoked_at, scopes, metadata) =
         detail;
     let values = [

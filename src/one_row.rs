@@ -12,13 +12,15 @@
 
 use pgrx::pg_sys;
 
-/// Where the one row goes: the call's tuplestore and its row type.
-pub struct OneRow {
+/// Where the one row goes: the call's tuplestore and its row type of `N`
+/// columns (checked in [`OneRow::begin`], so [`OneRow::put`] takes exactly
+/// `N` values).
+pub struct OneRow<const N: usize> {
     store: *mut pg_sys::Tuplestorestate,
     desc: pg_sys::TupleDesc,
 }
 
-impl OneRow {
+impl<const N: usize> OneRow<N> {
     /// Sets up materialize mode for this call, for a row of `types`.
     ///
     /// Call it before anything is written: in a context that cannot take a
@@ -28,7 +30,7 @@ impl OneRow {
     /// # Safety
     /// `fcinfo` must be the call's own, valid `FunctionCallInfo`, and the
     /// function must be declared to return a set of rows of `types`.
-    pub unsafe fn begin(fcinfo: pg_sys::FunctionCallInfo, types: &[pg_sys::Oid]) -> OneRow {
+    pub unsafe fn begin(fcinfo: pg_sys::FunctionCallInfo, types: &[pg_sys::Oid; N]) -> OneRow<N> {
         let rsinfo = (*fcinfo).resultinfo.cast::<pg_sys::ReturnSetInfo>();
         let has_expected_desc = !rsinfo.is_null()
             && (*rsinfo).type_ == pg_sys::NodeTag::T_ReturnSetInfo
@@ -60,12 +62,11 @@ impl OneRow {
         row
     }
 
-    unsafe fn has_types(&self, types: &[pg_sys::Oid]) -> bool {
-        let natts = (*self.desc).natts as usize;
-        if natts != types.len() {
+    unsafe fn has_types(&self, types: &[pg_sys::Oid; N]) -> bool {
+        if (*self.desc).natts as usize != N {
             return false;
         }
-        let attrs = (*self.desc).attrs.as_slice(natts);
+        let attrs = (*self.desc).attrs.as_slice(N);
         attrs
             .iter()
             .zip(types)
@@ -76,8 +77,7 @@ impl OneRow {
     ///
     /// # Safety
     /// Each datum must be a valid value of its column's type.
-    pub unsafe fn put<const N: usize>(self, values: [Option<pg_sys::Datum>; N]) {
-        assert_eq!(N, (*self.desc).natts as usize, "one value per column");
+    pub unsafe fn put(self, values: [Option<pg_sys::Datum>; N]) {
         let mut nulls = values.map(|value| value.is_none());
         let mut datums = values.map(|value| value.unwrap_or(pg_sys::Datum::from(0)));
         pg_sys::tuplestore_putvalues(

@@ -151,15 +151,19 @@ def test_verification_keeps_its_locks_after_a_rolled_back_savepoint(sessions):
     assert observer.run("SELECT mk_verify(%s)", (key,)) == ("ok", user)
     expected = [("api_keys", "AccessShareLock"), ("idx_api_keys_key_hash_unique", "AccessShareLock")]
     conn = a.conn
+
+    def verify():
+        return conn.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0]
+
     conn.execute("BEGIN")
     conn.execute("SAVEPOINT first")
-    assert conn.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0] == user
-    assert conn.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0] == user
+    assert verify() == user
+    assert verify() == user
     assert locks_on_key_table(conn) == expected
     conn.execute("ROLLBACK TO SAVEPOINT first")
     assert locks_on_key_table(conn) == []
     # The same subtransaction nesting level, a new subtransaction.
-    assert conn.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0] == user
+    assert verify() == user
     assert locks_on_key_table(conn) == expected
     # And a DDL that needs the index to itself waits for this transaction.
     b.run("SET lock_timeout = '300ms'")
@@ -170,12 +174,12 @@ def test_verification_keeps_its_locks_after_a_rolled_back_savepoint(sessions):
     conn.execute("BEGIN")
     conn.execute("SAVEPOINT outer_sp")
     conn.execute("SAVEPOINT inner_sp")
-    assert conn.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0] == user
+    assert verify() == user
     conn.execute("RELEASE SAVEPOINT inner_sp")
     assert locks_on_key_table(conn) == expected
     conn.execute("ROLLBACK TO SAVEPOINT outer_sp")
     assert locks_on_key_table(conn) == []
-    assert conn.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0] == user
+    assert verify() == user
     assert locks_on_key_table(conn) == expected
     conn.execute("ROLLBACK")
     # Locks taken inside a cursor belong to it. When a fetch fails inside a
@@ -191,7 +195,7 @@ def test_verification_keeps_its_locks_after_a_rolled_back_savepoint(sessions):
     conn.execute("ROLLBACK TO SAVEPOINT s")
     conn.execute("RELEASE SAVEPOINT s")
     assert locks_on_key_table(conn) == []
-    assert conn.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0] == user
+    assert verify() == user
     assert locks_on_key_table(conn) == expected
     assert b.run("DROP INDEX idx_api_keys_key_hash_unique") == ("error", "55P03")
     conn.execute("ROLLBACK")
