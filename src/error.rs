@@ -43,6 +43,9 @@ pub enum KeyError {
 
     #[error("metadata is {size} bytes; the limit is {limit}")]
     MetadataTooLarge { size: usize, limit: usize },
+
+    #[error("a statement of makima_keys resolved to a table other than the extension's api_keys")]
+    TableMoved,
 }
 
 impl KeyError {
@@ -60,6 +63,7 @@ impl KeyError {
             | KeyError::TooManyScopes { .. }
             | KeyError::MetadataNotObject { .. } => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             KeyError::MetadataTooLarge { .. } => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            KeyError::TableMoved => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
         }
     }
 
@@ -74,6 +78,9 @@ impl KeyError {
                 "A scope is 1 to 64 characters with no whitespace or control characters, e.g. 'read' or 'billing:write'.",
             ),
             KeyError::MetadataNotObject { .. } => Some("Pass an object, e.g. '{\"team\": \"ops\"}'::jsonb."),
+            KeyError::TableMoved => Some(
+                "The extension's schema or table changed while this session kept a plan; nothing was run. Call again.",
+            ),
             _ => None,
         }
     }

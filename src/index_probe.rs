@@ -3,9 +3,7 @@
 //!
 //! This is what an executor index scan node does for `WHERE key_hash = $1`,
 //! minus planning, plan caching and executor start-up, which cost several
-//! times the probe itself. Visibility follows the rules SPI applies to a
-//! volatile function: a fresh snapshot per call (READ COMMITTED) that also
-//! sees this transaction's own earlier commands.
+//! times the probe itself. Visibility: see [`ReadSnapshot`].
 
 use std::cell::Cell;
 use std::ffi::CStr;
@@ -269,9 +267,13 @@ mod unguarded {
         pub fn relation_open(relationId: Oid, lockmode: LOCKMODE) -> Relation;
         pub fn relation_close(relation: Relation, lockmode: LOCKMODE);
         pub fn CommandCounterIncrement();
+        pub fn IsInParallelMode() -> bool;
+        pub fn ActiveSnapshotSet() -> bool;
         pub fn GetTransactionSnapshot() -> Snapshot;
+        pub fn GetLatestSnapshot() -> Snapshot;
+        pub fn RegisterSnapshot(snapshot: Snapshot) -> Snapshot;
+        pub fn UnregisterSnapshot(snapshot: Snapshot);
         pub fn PushActiveSnapshot(snapshot: Snapshot);
-        pub fn UpdateActiveSnapshotCommandId();
         pub fn GetActiveSnapshot() -> Snapshot;
         pub fn PopActiveSnapshot();
         pub fn cstring_to_text_with_len(
@@ -314,6 +316,77 @@ mod unguarded {
     }
 }
 
+/// The snapshot a verification reads the key's row with.
+///
+/// A key's row is read as of the call, whatever the caller's isolation
+/// level, the way foreign-key checks read with a fresh snapshot: a revoke,
+/// a rotation or an expiry committed by another session counts at once,
+/// even inside a REPEATABLE READ or SERIALIZABLE transaction that began
+/// before it. The caller's own earlier commands stay visible (the snapshot
+/// is taken after a command-counter increment, as SPI does for a volatile
+/// function), so a transaction sees the keys it issued and revoked itself.
+///
+/// In parallel mode (a wrapper marked PARALLEL SAFE, in the leader or a
+/// worker) PostgreSQL allows neither a new snapshot nor a command-counter
+/// increment: the query's own snapshot serves there.
+#[derive(Clone, Copy)]
+pub(crate) struct ReadSnapshot {
+    snapshot: pg_sys::Snapshot,
+    /// Registered and pushed by [`ReadSnapshot::take`]; ended by `release`.
+    ours: bool,
+}
+
+impl ReadSnapshot {
+    /// Takes the snapshot and makes it the active one (registered, so that
+    /// nothing it can see is pruned while the scan uses it).
+    ///
+    /// # Safety
+    /// Calls Postgres without a guard: run it inside
+    /// `pg_guard_ffi_boundary` with only plain values on the stack, and
+    /// pair it with [`ReadSnapshot::release`] in the same transaction.
+    pub(crate) unsafe fn take() -> ReadSnapshot {
+        use unguarded::*;
+        // SAFETY: the caller's contract.
+        unsafe {
+            if IsInParallelMode() {
+                let snapshot = if ActiveSnapshotSet() {
+                    GetActiveSnapshot()
+                } else {
+                    GetTransactionSnapshot()
+                };
+                return ReadSnapshot {
+                    snapshot,
+                    ours: false,
+                };
+            }
+            CommandCounterIncrement();
+            let snapshot = RegisterSnapshot(GetLatestSnapshot());
+            PushActiveSnapshot(snapshot);
+            ReadSnapshot {
+                snapshot,
+                ours: true,
+            }
+        }
+    }
+
+    pub(crate) fn get(&self) -> pg_sys::Snapshot {
+        self.snapshot
+    }
+
+    /// # Safety
+    /// As for [`ReadSnapshot::take`]; `self` came from it, in this transaction.
+    pub(crate) unsafe fn release(self) {
+        use unguarded::*;
+        if self.ours {
+            // SAFETY: the caller's contract; it is the active snapshot we pushed.
+            unsafe {
+                PopActiveSnapshot();
+                UnregisterSnapshot(self.snapshot);
+            }
+        }
+    }
+}
+
 /// An open probe: the relations, the scan and the slot holding the row found.
 #[derive(Clone, Copy)]
 struct Scan {
@@ -321,6 +394,7 @@ struct Scan {
     index: pg_sys::Relation,
     scan: pg_sys::IndexScanDesc,
     slot: *mut pg_sys::TupleTableSlot,
+    snapshot: ReadSnapshot,
     found: bool,
 }
 
@@ -344,10 +418,7 @@ unsafe fn probe(
                 relation_open(target.index, no_lock),
             ),
         };
-        // What SPI does before a statement in a volatile function.
-        CommandCounterIncrement();
-        PushActiveSnapshot(GetTransactionSnapshot());
-        UpdateActiveSnapshotCommandId();
+        let snapshot = ReadSnapshot::take();
         let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
         let hash_text = cstring_to_text_with_len(hash.as_ptr().cast(), hash.len() as i32);
         ScanKeyEntryInitialize(
@@ -360,7 +431,7 @@ unsafe fn probe(
             pg_sys::Oid::from(pg_sys::F_TEXTEQ),
             pg_sys::Datum::from(hash_text),
         );
-        let scan = index_beginscan(heap, index, GetActiveSnapshot(), 1, 0);
+        let scan = index_beginscan(heap, index, snapshot.get(), 1, 0);
         index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
         let slot = table_slot_create(heap, std::ptr::null_mut());
         let found = index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot);
@@ -372,6 +443,7 @@ unsafe fn probe(
             index,
             scan,
             slot,
+            snapshot,
             found,
         }
     });
@@ -386,7 +458,7 @@ unsafe fn probe(
     pg_sys::ffi::pg_guard_ffi_boundary(|| {
         ExecDropSingleTupleTableSlot(open.slot);
         index_endscan(open.scan);
-        PopActiveSnapshot();
+        open.snapshot.release();
         // Like the executor, keep the locks until the end of the transaction.
         relation_close(open.index, no_lock);
         relation_close(open.heap, no_lock);

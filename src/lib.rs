@@ -12,6 +12,7 @@ pub mod index_probe;
 pub mod jsonb;
 pub mod key_format;
 pub mod one_row;
+mod own_table;
 pub mod policy;
 pub mod settings;
 pub mod store;
@@ -32,6 +33,7 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     settings::register();
+    own_table::install();
 }
 
 // pgrx needs the test module inline; its body lives in pg_tests.rs.

@@ -17,6 +17,9 @@ pub fn register() {
         GucContext::Userset,
         GucFlags::UNIT_S,
     );
+    // Every name under makima_keys. is ours: `SET makima_keys.typo = 1` is
+    // then an error instead of a silently ignored placeholder.
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"makima_keys".as_ptr()) };
 }
 
 pub fn last_used_interval_secs() -> i32 {

@@ -20,8 +20,9 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiHeapTupleData};
 use pgrx::PgSqlErrorCode;
 
 use crate::error::{KeyError, KeyResult};
-use crate::index_probe;
+use crate::index_probe::{self, ReadSnapshot};
 use crate::jsonb::StoredJsonb;
+use crate::own_table::{self, STATEMENT_MARK};
 use crate::policy::Micros;
 
 /// Channel of the revocation events; the payload is the key id.
@@ -77,11 +78,10 @@ pub struct ActiveKey {
     pub lifetime: Option<Micros>,
 }
 
-/// Plans kept for the life of the backend: the last_used_at write, issuing,
-/// and the lookup used when the key_hash index cannot be probed directly.
+/// Plans kept for the life of the backend, or until a schema changes: the
+/// last_used_at write and issuing.
 struct KeptPlans {
     namespace: pg_sys::Oid,
-    lookup: OwnedPreparedStatement,
     touch: OwnedPreparedStatement,
     insert: OwnedPreparedStatement,
 }
@@ -90,6 +90,20 @@ thread_local! {
     // Borrowed only to take an `Rc`: the plans run with no borrow held, so a
     // statement that ends up calling mk_verify again cannot find it borrowed.
     static KEPT_PLANS: RefCell<Option<Rc<KeptPlans>>> = const { RefCell::new(None) };
+    /// Set by any change to pg_namespace: the kept plans name the schema,
+    /// so after a rename they are prepared again with the new name.
+    static SCHEMAS_CHANGED: Cell<bool> = const { Cell::new(false) };
+    static NAMESPACE_CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_kept_plans(
+    _arg: pg_sys::Datum,
+    _cache: std::ffi::c_int,
+    _hash: u32,
+) {
+    // Only a flag: the plans may be running right now.
+    SCHEMAS_CHANGED.set(true);
 }
 
 /// A live key: not revoked, or revoked with a date still ahead (grace period).
@@ -259,9 +273,23 @@ impl Store {
             "{}.api_keys",
             pgrx::spi::quote_identifier(schema.to_string_lossy())
         );
-        template
+        let statement = template
             .replace("{api_keys}", &table)
-            .replace("{live}", LIVE)
+            .replace("{live}", LIVE);
+        format!("{STATEMENT_MARK}{statement}")
+    }
+
+    /// The oid of `api_keys` in our schema, found by the schema's oid (never
+    /// by its name); `InvalidOid` if there is none.
+    fn table(&self) -> pg_sys::Oid {
+        unsafe { pg_sys::get_relname_relid(c"api_keys".as_ptr(), self.namespace) }
+    }
+
+    /// `Spi::connect_mut`, with the statements it runs held to our table
+    /// (see `own_table`).
+    fn connect<R>(&self, f: impl FnOnce(&mut SpiClient<'_>) -> R) -> R {
+        let _expecting = own_table::expect(self.table());
+        Spi::connect_mut(f)
     }
 
     fn with_kept_plans<R>(
@@ -269,6 +297,19 @@ impl Store {
         client: &mut SpiClient<'_>,
         f: impl FnOnce(&mut SpiClient<'_>, &KeptPlans) -> R,
     ) -> R {
+        if !NAMESPACE_CALLBACK_REGISTERED.get() {
+            unsafe {
+                pg_sys::CacheRegisterSyscacheCallback(
+                    pg_sys::SysCacheIdentifier::NAMESPACEOID as std::ffi::c_int,
+                    Some(forget_kept_plans),
+                    pg_sys::Datum::from(0),
+                );
+            }
+            NAMESPACE_CALLBACK_REGISTERED.set(true);
+        }
+        if SCHEMAS_CHANGED.replace(false) {
+            KEPT_PLANS.with(|cell| *cell.borrow_mut() = None);
+        }
         let kept = KEPT_PLANS.with(|cell| {
             cell.borrow()
                 .as_ref()
@@ -278,23 +319,17 @@ impl Store {
         let plans = match kept {
             Some(plans) => plans,
             None => {
-                // k.*: the 0.2.0 columns when they exist, read by name.
-                let lookup = client
-                    .prepare(
-                        &self.sql("SELECT k.* FROM {api_keys} k WHERE k.key_hash = $1 LIMIT 1"),
-                        &oids_of![String],
-                    )
-                    .expect("prepare key lookup")
-                    .keep();
                 // SKIP LOCKED: a verification never waits for a row lock; if
                 // someone holds the row, the timestamp simply is not written.
+                // The locked row is joined in FROM, not a sublink: see own_table.
                 let touch = client
                     .prepare_mut(
                         &self.sql(
-                            "UPDATE {api_keys} SET last_used_at = pg_catalog.now()
-                              WHERE id = (SELECT id FROM {api_keys}
-                                           WHERE id = $1 AND {live}
-                                           FOR NO KEY UPDATE SKIP LOCKED)",
+                            "UPDATE {api_keys} k SET last_used_at = pg_catalog.now()
+                               FROM (SELECT id FROM {api_keys}
+                                      WHERE id = $1 AND {live}
+                                      FOR NO KEY UPDATE SKIP LOCKED) locked
+                              WHERE k.id = locked.id",
                         ),
                         &oids_of![pgrx::Uuid],
                     )
@@ -313,7 +348,6 @@ impl Store {
                     .keep();
                 let plans = Rc::new(KeptPlans {
                     namespace: self.namespace,
-                    lookup,
                     touch,
                     insert,
                 });
@@ -334,30 +368,56 @@ impl Store {
         with_owner_rights(self.owner, || self.find_by_hash_in_sql(hash, reading))
     }
 
+    /// The lookup through the executor, reading with the same snapshot as
+    /// the probe ([`ReadSnapshot`]). Prepared per call: it only serves a
+    /// database whose index is missing or altered, and a kept plan would
+    /// read with the transaction's snapshot.
     fn find_by_hash_in_sql(&self, hash: &str, reading: Reading) -> Option<FoundKey> {
-        Spi::connect_mut(|client| {
-            self.with_kept_plans(client, |client, plans| {
-                let args: [DatumWithOid; 1] = [hash.into()];
-                let table = client
-                    .select(&plans.lookup, Some(1), &args)
-                    .expect("key lookup");
-                if table.is_empty() {
-                    return None;
-                }
-                let row = table
-                    .first()
-                    .get_heap_tuple()
+        // k.*: the 0.2.0 columns when they exist, read by name.
+        let sql = self.sql("SELECT k.* FROM {api_keys} k WHERE k.key_hash = $1 LIMIT 1");
+        let sql = std::ffi::CString::new(sql).expect("no NUL in our SQL");
+        self.connect(|_client| unsafe {
+            let mut arg_types = [pg_sys::TEXTOID];
+            let plan = pg_sys::SPI_prepare(sql.as_ptr(), 1, arg_types.as_mut_ptr());
+            assert!(!plan.is_null(), "prepare key lookup");
+            let snapshot = pg_sys::ffi::pg_guard_ffi_boundary(|| ReadSnapshot::take());
+            let mut values = [hash.into_datum().expect("a text datum")];
+            let nulls = [b' ' as std::ffi::c_char];
+            let status = pg_sys::SPI_execute_snapshot(
+                plan,
+                values.as_mut_ptr(),
+                nulls.as_ptr(),
+                snapshot.get(),
+                std::ptr::null_mut(),
+                true,
+                false,
+                1,
+            );
+            assert_eq!(status, pg_sys::SPI_OK_SELECT as i32, "key lookup");
+            let table = pg_sys::SPI_tuptable;
+            // Read while the snapshot is active: values may be TOASTed.
+            let found = ((*table).numvals > 0).then(|| {
+                let row = pgrx::spi::SpiHeapTupleData::new((*table).tupdesc, *(*table).vals)
                     .expect("key row")
                     .expect("a row");
-                Some(found_from_row(&row, reading))
-            })
+                found_from_row(&row, reading)
+            });
+            pg_sys::ffi::pg_guard_ffi_boundary(|| snapshot.release());
+            found
         })
     }
 
     /// Sets `last_used_at = now()` unless another transaction holds the row.
+    /// Skipped, never waited for, when the table or one of its indexes is
+    /// locked in a mode that conflicts with the write (a CREATE INDEX, a
+    /// REINDEX, an explicit LOCK TABLE): a verification never waits for a lock.
     pub fn touch_last_used(&self, id: pgrx::Uuid) {
+        let table = self.table();
+        if table == pg_sys::InvalidOid || !unsafe { lock_for_write_without_waiting(table) } {
+            return;
+        }
         with_owner_rights(self.owner, || {
-            Spi::connect_mut(|client| {
+            self.connect(|client| {
                 self.with_kept_plans(client, |client, plans| {
                     client
                         .update(&plans.touch, None, &[id.into()])
@@ -404,7 +464,7 @@ impl Store {
         key_prefix: &str,
         new: NewKey<'_>,
     ) -> IssuedRow {
-        Spi::connect_mut(|client| {
+        self.connect(|client| {
             if new.has_options() {
                 let args: [DatumWithOid; 7] = [
                     user_id.into(),
@@ -458,7 +518,7 @@ impl Store {
         grace: Option<Interval>,
     ) -> Option<ActiveKey> {
         let grace = grace.unwrap_or_else(|| Interval::from_micros(0));
-        Spi::connect_mut(|client| {
+        self.connect(|client| {
             // Joined to itself: `old` shows the row as it was before this update.
             let ended = client
                 .update(
@@ -503,7 +563,7 @@ impl Store {
     /// Sends a revocation event for each; returns how many it ended.
     pub fn end_user_keys(&self, user_id: pgrx::Uuid, grace: Option<Interval>) -> i32 {
         let grace = grace.unwrap_or_else(|| Interval::from_micros(0));
-        Spi::connect_mut(|client| {
+        self.connect(|client| {
             let table = client
                 .update(
                     &self.sql(
@@ -545,7 +605,7 @@ impl Store {
 
     /// `Ok(true)` if this call ended a live key, `Ok(false)` if it had ended.
     pub fn revoke(&self, id: pgrx::Uuid) -> KeyResult<bool> {
-        Spi::connect_mut(|client| {
+        self.connect(|client| {
             if self.revoke_where(client, "id", id.into()) > 0 {
                 return Ok(true);
             }
@@ -568,7 +628,7 @@ impl Store {
 
     /// Ends the live key stored under `hash`; true if there was one.
     pub fn revoke_by_hash(&self, hash: &str) -> bool {
-        Spi::connect_mut(|client| self.revoke_where(client, "key_hash", hash.into()) > 0)
+        self.connect(|client| self.revoke_where(client, "key_hash", hash.into()) > 0)
     }
 }
 
@@ -626,14 +686,47 @@ fn announce(id: pgrx::Uuid) {
     }
 }
 
-/// Whether this transaction may write `last_used_at` without risking an
-/// error: not read-only, not on a standby, and not under a transaction
-/// snapshot (REPEATABLE READ or SERIALIZABLE), where touching a row another
-/// session just touched would raise a serialization failure.
+/// Whether this call may write `last_used_at`: never when the write could
+/// raise or hold a row lock past the caller's statement.
+///
+/// - Not inside a transaction block (`BEGIN ... COMMIT`, or several
+///   statements sent as one query string): the row lock of the write would
+///   last until that transaction ends, and a revoke of the key would wait
+///   for it while the key keeps verifying. Alone in its transaction, the
+///   verification's statement is the whole transaction.
+/// - Not in parallel mode, where PostgreSQL cannot assign a transaction id.
+/// - Not read-only, not on a standby, and not under a transaction snapshot
+///   (REPEATABLE READ or SERIALIZABLE), where touching a row another
+///   session just touched would raise a serialization failure.
 pub fn may_write_last_used() -> bool {
     unsafe {
-        !pg_sys::XactReadOnly
+        !pg_sys::IsTransactionBlock()
+            && !pg_sys::IsInParallelMode()
+            && !pg_sys::XactReadOnly
             && !pg_sys::RecoveryInProgress()
             && pg_sys::XactIsoLevel < pg_sys::XACT_REPEATABLE_READ as i32
+    }
+}
+
+/// Takes `RowExclusiveLock` on `table` and each of its indexes only if it
+/// is free at once; false (the write is skipped) if any is not. The
+/// UPDATE then finds every lock it needs already held, and waits for none.
+/// Locks taken stay until the transaction ends, as the UPDATE's would.
+unsafe fn lock_for_write_without_waiting(table: pg_sys::Oid) -> bool {
+    let mode = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
+    unsafe {
+        if !pg_sys::ConditionalLockRelationOid(table, mode) {
+            return false;
+        }
+        let heap = pg_sys::try_table_open(table, pg_sys::NoLock as pg_sys::LOCKMODE);
+        if heap.is_null() {
+            return false;
+        }
+        let indexes = pgrx::PgList::<pg_sys::Oid>::from_pg(pg_sys::RelationGetIndexList(heap));
+        let all_free = indexes
+            .iter_oid()
+            .all(|index| pg_sys::ConditionalLockRelationOid(index, mode));
+        pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
+        all_free
     }
 }

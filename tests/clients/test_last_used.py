@@ -102,3 +102,62 @@ def wait_for_replay(standby, lsn, timeout=30):
             return
         time.sleep(0.05)
     raise AssertionError(f"standby did not replay {lsn} within {timeout}s")
+
+
+def test_last_used_at_follows_the_interval_setting(db):
+    """Each verification here is its own transaction (autocommit), the only
+    kind that writes last_used_at."""
+    with connect(db) as su, connect(db) as conn:
+        user, key_id, key = issue(su)
+        assert last_used(su, key_id) is None
+        conn.execute("SELECT mk_verify(%s)", (key,))
+        assert last_used(su, key_id) is not None
+        # Within the default 60 s interval nothing is written again.
+        su.execute("UPDATE api_keys SET last_used_at = now() - interval '30 seconds' WHERE id = %s", (key_id,))
+        backdated = last_used(su, key_id)
+        conn.execute("SELECT mk_verify(%s)", (key,))
+        assert last_used(su, key_id) == backdated
+        # Older than the interval: written.
+        conn.execute("SET makima_keys.last_used_interval = 10")
+        conn.execute("SELECT mk_verify(%s)", (key,))
+        assert last_used(su, key_id) > backdated
+        # 0 writes on every verification.
+        conn.execute("SET makima_keys.last_used_interval = 0")
+        su.execute("UPDATE api_keys SET last_used_at = now() - interval '1 second' WHERE id = %s", (key_id,))
+        before = last_used(su, key_id)
+        conn.execute("SELECT mk_verify(%s)", (key,))
+        assert last_used(su, key_id) > before
+
+
+def test_a_scoped_verification_that_fails_does_not_touch_last_used_at(db):
+    with connect(db) as su, connect(db) as conn:
+        user = add_user(su)
+        key_id, key = su.execute("SELECT id, key FROM mk_issue_key(%s, scopes => '{read}')", (user,)).fetchone()
+        assert conn.execute("SELECT mk_verify(%s, '{write}')", (key,)).fetchone()[0] is None
+        assert last_used(su, key_id) is None
+        assert conn.execute("SELECT mk_verify(%s, '{read}')", (key,)).fetchone()[0] == user
+        assert last_used(su, key_id) is not None
+
+
+def test_the_write_runs_as_the_owner_on_the_real_table_whatever_the_callers_path(db, role):
+    """A role that can read nothing, with a temporary api_keys first on its
+    path, verifies: the write goes to the extension's table with the owner's
+    rights, and the caller is itself again afterwards."""
+    from test_privileges_and_races import readme_recipe
+    from conftest import sqlstate_of
+    verifier = role("verifier")
+    with connect(db) as su:
+        su.execute(readme_recipe("verify-only", app=verifier))
+        su.execute(f'GRANT USAGE, CREATE ON SCHEMA public TO "{verifier}"')
+        user, key_id, key = issue(su)
+        with connect(db, user=verifier) as app:
+            app.execute("""CREATE TABLE pg_temp.api_keys (id uuid, user_id uuid, key_hash text,
+                           key_prefix text, name text, last_used_at timestamptz,
+                           created_at timestamptz, revoked_at timestamptz)""")
+            app.execute("SET search_path = pg_temp, public")
+            assert sqlstate_of(app, "SELECT count(*) FROM public.api_keys") == "42501"
+            assert app.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0] == user
+            assert app.execute("SELECT current_user, current_setting('search_path')").fetchone() == (
+                verifier, "pg_temp, public")
+            assert app.execute("SELECT count(*) FROM pg_temp.api_keys").fetchone()[0] == 0
+        assert last_used(su, key_id) is not None

@@ -239,8 +239,12 @@ def test_race_verify_against_verify_with_interval_zero(sessions):
     key = observer.conn.execute("SELECT key FROM mk_issue_key(%s)", (user,)).fetchone()[0]
     for _ in range(RACE_ITERATIONS):
         a.run("BEGIN")
-        assert a.run("SELECT mk_verify(%s)", (key,)) == ("ok", user)  # holds the row lock
-        assert b.run("SELECT mk_verify(%s)", (key,)) == ("ok", user)  # skips the write
+        # Inside a transaction block: verifies without writing, so it holds no row lock.
+        assert a.run("SELECT mk_verify(%s)", (key,)) == ("ok", user)
+        assert observer.run("SELECT 1 FROM api_keys WHERE key_hash = mk_hash_key(%s) FOR UPDATE NOWAIT",
+                            (key,)) == ("ok", 1)
+        # Its own transaction: writes (interval 0), never waiting.
+        assert b.run("SELECT mk_verify(%s)", (key,)) == ("ok", user)
         a.run("COMMIT")
 
 
