@@ -708,25 +708,33 @@ pub fn may_write_last_used() -> bool {
     }
 }
 
-/// Takes `RowExclusiveLock` on `table` and each of its indexes only if it
-/// is free at once; false (the write is skipped) if any is not. The
-/// UPDATE then finds every lock it needs already held, and waits for none.
-/// Locks taken stay until the transaction ends, as the UPDATE's would.
+/// Takes `RowExclusiveLock` on `table`, its indexes, its TOAST table and
+/// that table's index only if each is free at once; false (the write is
+/// skipped) if any is not. The UPDATE then finds every lock it needs
+/// already held, and waits for none. Locks taken stay until the transaction
+/// ends, as the UPDATE's would.
 unsafe fn lock_for_write_without_waiting(table: pg_sys::Oid) -> bool {
+    unsafe { lock_with_indexes_without_waiting(table, true) }
+}
+
+unsafe fn lock_with_indexes_without_waiting(relation: pg_sys::Oid, with_toast: bool) -> bool {
     let mode = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
     unsafe {
-        if !pg_sys::ConditionalLockRelationOid(table, mode) {
+        if !pg_sys::ConditionalLockRelationOid(relation, mode) {
             return false;
         }
-        let heap = pg_sys::try_table_open(table, pg_sys::NoLock as pg_sys::LOCKMODE);
-        if heap.is_null() {
+        let rel = pg_sys::try_relation_open(relation, pg_sys::NoLock as pg_sys::LOCKMODE);
+        if rel.is_null() {
             return false;
         }
-        let indexes = pgrx::PgList::<pg_sys::Oid>::from_pg(pg_sys::RelationGetIndexList(heap));
-        let all_free = indexes
+        let indexes = pgrx::PgList::<pg_sys::Oid>::from_pg(pg_sys::RelationGetIndexList(rel));
+        let toast = (*(*rel).rd_rel).reltoastrelid;
+        pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        indexes
             .iter_oid()
-            .all(|index| pg_sys::ConditionalLockRelationOid(index, mode));
-        pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
-        all_free
+            .all(|index| pg_sys::ConditionalLockRelationOid(index, mode))
+            && (!with_toast
+                || toast == pg_sys::InvalidOid
+                || lock_with_indexes_without_waiting(toast, false))
     }
 }

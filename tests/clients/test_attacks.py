@@ -384,3 +384,34 @@ def test_unknown_settings_under_our_prefix_are_errors(db):
         conn.execute("SELECT mk_hash_key('x')")  # loads the library
         assert sqlstate_of(conn, "SET makima_keys.last_used_intervall = 5") == "42602"
         conn.execute("SET makima_keys.last_used_interval = 5")
+
+
+def test_no_role_but_the_owner_can_attach_triggers_after_a_fresh_install(role, new_db):
+    app = role("app")
+    db = new_db()
+    with connect(db) as su:
+        # The installer's default privileges would hand TRIGGER on every new table to app.
+        su.execute(f'ALTER DEFAULT PRIVILEGES GRANT ALL ON TABLES TO "{app}"')
+        su.execute("CREATE EXTENSION makima_keys")
+        for privilege in ("TRIGGER", "TRUNCATE", "REFERENCES"):
+            assert not su.execute("SELECT has_table_privilege(%s, 'api_keys', %s)", (app, privilege)).fetchone()[0]
+        su.execute(f'GRANT USAGE, CREATE ON SCHEMA public TO "{app}"')
+    with connect(db, user=app) as conn:
+        conn.execute("""CREATE FUNCTION spy() RETURNS trigger LANGUAGE plpgsql AS
+                        $$ BEGIN RAISE NOTICE 'spy ran as %', current_user; RETURN NEW; END $$""")
+        assert sqlstate_of(conn, "CREATE TRIGGER spy BEFORE UPDATE ON api_keys"
+                                 " FOR EACH ROW EXECUTE FUNCTION spy()") == "42501"
+
+
+def test_adoption_keeps_no_grant_that_could_attach_code(role, new_db):
+    owner, reader = role("dbowner"), role("reader")
+    db = new_db(owner=owner)
+    seed_as(db, owner, f'GRANT ALL ON api_keys TO "{reader}" WITH GRANT OPTION')
+    with connect(db) as su:
+        su.execute("CREATE EXTENSION makima_keys")
+        held = dict(su.execute(
+            """SELECT r.rolname, array_agg(a.privilege_type::text ORDER BY a.privilege_type)
+                 FROM pg_class c, aclexplode(c.relacl) a JOIN pg_roles r ON r.oid = a.grantee
+                WHERE c.oid = 'api_keys'::regclass AND a.grantee <> c.relowner GROUP BY 1""").fetchall())
+    assert held[owner] == ["DELETE", "INSERT", "SELECT", "UPDATE"]
+    assert held[reader] == ["DELETE", "INSERT", "SELECT", "UPDATE"]
