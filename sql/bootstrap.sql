@@ -40,6 +40,7 @@ DECLARE
     adoption_notice text;
     code_found text[];
     grantee_name name;
+    privilege text;
     no_foreign_key_notice text;
     saved_min_messages text;
 BEGIN
@@ -277,18 +278,19 @@ BEGIN
 
     EXECUTE pg_catalog.format('REVOKE ALL ON TABLE %I.api_keys FROM PUBLIC', ext_schema);
     -- TRIGGER lets a role attach its own code to the table without owning
-    -- it, and our functions write the table as the extension owner; TRUNCATE
-    -- and REFERENCES serve nobody here. Grants of them (the installer's
-    -- default privileges, or the adopted table's old grants) go.
-    FOR grantee_name IN
-        SELECT DISTINCT r.rolname
+    -- it, and our functions write the table as the extension owner;
+    -- TRUNCATE, REFERENCES and (from 17) MAINTAIN serve nobody here and let
+    -- a role lock the table against every verification. Grants of them (the
+    -- installer's default privileges, or the adopted table's old grants) go.
+    FOR grantee_name, privilege IN
+        SELECT DISTINCT r.rolname, a.privilege_type
           FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
           JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
          WHERE c.oid = api_keys_oid AND a.grantee <> c.relowner
-           AND a.privilege_type IN ('TRIGGER', 'TRUNCATE', 'REFERENCES')
+           AND a.privilege_type IN ('TRIGGER', 'TRUNCATE', 'REFERENCES', 'MAINTAIN')
     LOOP
-        EXECUTE pg_catalog.format('REVOKE TRIGGER, TRUNCATE, REFERENCES ON TABLE %I.api_keys FROM %I CASCADE',
-                                  ext_schema, grantee_name);
+        EXECUTE pg_catalog.format('REVOKE %s ON TABLE %I.api_keys FROM %I CASCADE',
+                                  privilege, ext_schema, grantee_name);
     END LOOP;
     -- pg_dump then dumps the rows, and CREATE EXTENSION recreates the table.
     PERFORM pg_catalog.pg_extension_config_dump(api_keys_oid::pg_catalog.regclass, '');
