@@ -22,7 +22,7 @@ import subprocess
 
 from bench import SCRIPTS, SERVER_SIDE_SETTINGS, SERVER_SIDE_STATEMENTS
 
-PG_BIN = pathlib.Path("/usr/lib/postgresql/15/bin")
+PG_BIN = pathlib.Path(os.environ.get("MK_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
 
 def pgbench_statement(script):

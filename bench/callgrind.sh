@@ -3,16 +3,26 @@
 # installs what is needed, builds and installs the release build, prepares a
 # database of KEYS keys (default 100,000) in a throwaway cluster, stops it, and
 # runs each case in a single-user backend. About 5 minutes.
-#   bash bench/callgrind.sh [--keys N]
+#   bash bench/callgrind.sh [--pg 15|16|18] [--keys N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PG_BIN=/usr/lib/postgresql/15/bin
 PORT=${MK_CALLGRIND_PORT:-26450}
 KEYS=100000
 SAMPLE=20000
-if [ "${1:-}" = "--keys" ]; then KEYS=$2; fi
+MK_PG_MAJOR=15
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --pg) MK_PG_MAJOR=$2; shift 2 ;;
+        --keys) KEYS=$2; shift 2 ;;
+        *) echo "usage: bench/callgrind.sh [--pg 15|16|18] [--keys N]" >&2; exit 2 ;;
+    esac
+done
 
 bash scripts/install-deps.sh
+. scripts/pg-versions.sh
+PG_BIN=$(pg_bin_for "$MK_PG_MAJOR")
+export MK_PG_MAJOR MK_PG_BIN=$PG_BIN
+echo "PostgreSQL $MK_PG_MAJOR: $("$PG_BIN/postgres" --version)" 
 if ! command -v valgrind >/dev/null 2>&1; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends valgrind

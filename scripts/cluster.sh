@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# A throwaway PostgreSQL 15 cluster run as the `postgres` user (Postgres
+# A throwaway PostgreSQL cluster run as the `postgres` user (Postgres
 # refuses root). Listens on 127.0.0.1:PORT and a socket in DIR; trust auth.
 #   cluster.sh start DIR PORT [extra postgres -c settings...]
 #   cluster.sh stop DIR
+# The binaries are those of MK_PG_BIN (default: Debian's PostgreSQL 15).
 set -euo pipefail
-BIN=/usr/lib/postgresql/15/bin
+BIN=${MK_PG_BIN:-/usr/lib/postgresql/15/bin}
 cmd=$1 dir=$2
 
 as_postgres() {

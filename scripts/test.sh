@@ -1,68 +1,111 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it (.ci/run calls this script):
+# The whole test suite on every PostgreSQL major we claim, as CI runs it
+# (.ci/run calls this script). For each of 15, 16 and 18:
 #   1. pure-Rust unit tests and #[pg_test] in-server tests (cargo pgrx test)
 #   2. SQL regression files (pg_regress against a throwaway cluster)
 #   3. client tests over real connections (pytest), same cluster
-#   4. the Debian package, installed into a PostgreSQL 15 without makima_keys
+# then, once:
+#   4. packaging: the Debian package into a PostgreSQL 15 without makima_keys,
+#      and the cargo pgrx package trees of 16 and 18
+#   5. pg_upgrade from 16 to 18 of a cluster holding keys
 # Installs what it needs first. Run as root on Debian 12.
-# Arguments go to pytest; MK_CLIENT_TESTS_ONLY=1 skips steps 1 and 2
-# (scripts/stress.sh uses both).
+#   MK_TEST_VERSIONS="18" bash scripts/test.sh   only some majors
+#   MK_CLIENT_TESTS_ONLY=1 bash scripts/test.sh tests/clients/test_attacks.py
+# Arguments go to pytest; MK_CLIENT_TESTS_ONLY=1 runs step 3 only (scripts/stress.sh
+# uses both). Each major builds in its own target/pgNN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
-PG_BIN=/usr/lib/postgresql/15/bin
-PG_CONFIG=$PG_BIN/pg_config
 PORT=${MK_TEST_PORT:-26329}
 
 bash scripts/install-deps.sh
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+. scripts/pg-versions.sh
+VERSIONS=${MK_TEST_VERSIONS:-$MK_PG_VERSIONS}
 
 WORK=$(mktemp -d /tmp/makima-keys-test.XXXXXX)
 chmod 755 "$WORK"
 cleanup() {
-    bash scripts/cluster.sh stop "$WORK/cluster" || true
+    for major in $VERSIONS; do
+        MK_PG_BIN=$(pg_bin_for "$major") bash scripts/cluster.sh stop "$WORK/cluster$major" || true
+    done
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-if [ -z "${MK_CLIENT_TESTS_ONLY:-}" ]; then
-    echo "== 1/4 unit and in-server tests (cargo pgrx test)"
-    mkdir -p "$WORK/pgrx-data"
-    chown postgres "$WORK/pgrx-data"
-    cargo pgrx test pg15 --runas postgres --pgdata "$WORK/pgrx-data"
-fi
-
-echo "== install the extension into PostgreSQL 15"
-# cargo pgrx test installed a build with the test schema; replace it.
-bash scripts/install-extension.sh
-
-echo "== start a throwaway cluster on 127.0.0.1:$PORT"
-bash scripts/cluster.sh start "$WORK/cluster" "$PORT"
-export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres
-
-if [ -z "${MK_CLIENT_TESTS_ONLY:-}" ]; then
-echo "== 2/4 SQL regression tests (pg_regress)"
-"$PG_BIN/psql" -X -q -d postgres -c "DROP DATABASE IF EXISTS makima_keys_regress" \
-    -c "CREATE DATABASE makima_keys_regress TEMPLATE template0 ENCODING 'UTF8'"
-# setup first (it creates the extension), then the rest in name order.
-regress_tests="setup $(cd tests/pg_regress/sql && ls *.sql | grep -v '^setup.sql$' | sed 's/\.sql$//' | tr '\n' ' ')"
-if ! "$(dirname "$("$PG_CONFIG" --pgxs)")/../test/regress/pg_regress" \
-        --use-existing --host="$PGHOST" --port="$PGPORT" --user=postgres \
-        --dbname=makima_keys_regress --inputdir=tests/pg_regress --outputdir="$WORK/regress" \
-        $regress_tests; then
-    cat "$WORK/regress/regression.diffs" 2>/dev/null || true
-    exit 1
-fi
-fi
-
-echo "== 3/4 client tests (pytest: psycopg, SQLAlchemy, node-postgres, tokio-postgres, psql)"
 cargo build -q --locked --manifest-path tests/clients/rust/Cargo.toml
-# Arguments select tests (pytest syntax); by default all of tests/clients.
 [ $# -gt 0 ] || set -- tests/clients
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+summary=()
 
-if [ -z "${MK_CLIENT_TESTS_ONLY:-}" ]; then
-    echo "== 4/4 packaging (.deb into a clean PostgreSQL 15)"
-    bash scripts/cluster.sh stop "$WORK/cluster"
-    .venv/bin/python -m pytest -q -p no:cacheprovider tests/packaging
+for major in $VERSIONS; do
+    PG_CONFIG=$(pg_config_for "$major")
+    PG_BIN=$(pg_bin_for "$major")
+    export CARGO_TARGET_DIR=$REPO/target/pg$major
+    export MK_PG_MAJOR=$major MK_PG_BIN=$PG_BIN
+    echo
+    echo "######## PostgreSQL $major: $("$PG_CONFIG" --version), $PG_CONFIG"
+
+    if [ -z "${MK_CLIENT_TESTS_ONLY:-}" ]; then
+        echo "== [pg$major] 1/3 unit and in-server tests (cargo pgrx test pg$major)"
+        mkdir -p "$WORK/pgrx-data$major"
+        chown postgres "$WORK/pgrx-data$major"
+        cargo pgrx test "pg$major" --runas postgres --pgdata "$WORK/pgrx-data$major" 2>&1 \
+            | tee "$WORK/pgrx-test$major.log" | grep -E '^(test |test result|error|warning: unused)' || true
+        grep -q '^test result: ok' "$WORK/pgrx-test$major.log" && ! grep -q '^test result: FAILED' "$WORK/pgrx-test$major.log" \
+            || { tail -80 "$WORK/pgrx-test$major.log"; exit 1; }
+        summary+=("pg$major cargo pgrx test: $(grep '^test result' "$WORK/pgrx-test$major.log" | head -1)")
+    fi
+
+    echo "== [pg$major] install the extension"
+    # cargo pgrx test installed a build with the test schema; replace it.
+    MK_PG_MAJOR=$major bash scripts/install-extension.sh
+
+    echo "== [pg$major] start a throwaway cluster on 127.0.0.1:$PORT"
+    bash scripts/cluster.sh start "$WORK/cluster$major" "$PORT"
+    export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres
+
+    if [ -z "${MK_CLIENT_TESTS_ONLY:-}" ]; then
+        echo "== [pg$major] 2/3 SQL regression tests (pg_regress)"
+        "$PG_BIN/psql" -X -q -d postgres -c "DROP DATABASE IF EXISTS makima_keys_regress" \
+            -c "CREATE DATABASE makima_keys_regress TEMPLATE template0 ENCODING 'UTF8'"
+        # setup first (it creates the extension), then the rest in name order.
+        regress_tests="setup $(cd tests/pg_regress/sql && ls *.sql | grep -v '^setup.sql$' | sed 's/\.sql$//' | tr '\n' ' ')"
+        if ! "$(dirname "$("$PG_CONFIG" --pgxs)")/../test/regress/pg_regress" \
+                --bindir="$PG_BIN" --use-existing --host="$PGHOST" --port="$PGPORT" --user=postgres \
+                --dbname=makima_keys_regress --inputdir=tests/pg_regress --outputdir="$WORK/regress$major" \
+                $regress_tests; then
+            cat "$WORK/regress$major/regression.diffs" 2>/dev/null || true
+            exit 1
+        fi
+        summary+=("pg$major pg_regress: $(echo $regress_tests | wc -w) files passed")
+    fi
+
+    echo "== [pg$major] 3/3 client tests (pytest: psycopg, SQLAlchemy, node-postgres, tokio-postgres, psql)"
+    # This major's psql, pg_dump, pg_restore and pgbench first on the path.
+    PATH="$PG_BIN:$PATH" .venv/bin/python -m pytest -q -rs -p no:cacheprovider "$@" | tee "$WORK/pytest$major.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
+    summary+=("pg$major client tests: $(grep -E '^[0-9]+ (passed|failed)' "$WORK/pytest$major.log" | tail -1)")
+    bash scripts/cluster.sh stop "$WORK/cluster$major"
+done
+
+# Packages and moves between majors need every major built and installed.
+if [ -z "${MK_CLIENT_TESTS_ONLY:-}" ] && [ "$VERSIONS" = "$MK_PG_VERSIONS" ]; then
+    unset MK_PG_MAJOR MK_PG_BIN CARGO_TARGET_DIR
+    echo
+    echo "== 4/5 packaging (.deb into a clean PostgreSQL 15; tarballs into clean 16 and 18 trees)"
+    .venv/bin/python -m pytest -q -p no:cacheprovider tests/packaging | tee "$WORK/packaging.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
+    summary+=("packaging: $(grep -E '^[0-9]+ (passed|failed)' "$WORK/packaging.log" | tail -1)")
+
+    echo
+    echo "== 5/5 moving between majors (pg_upgrade 16 -> 18; dump and restore 15 -> 18)"
+    # The .deb test uninstalled makima_keys from 15; the tarballs stay in 16 and 18.
+    MK_PG_MAJOR=15 bash scripts/install-extension.sh
+    .venv/bin/python -m pytest -q -p no:cacheprovider tests/upgrade | tee "$WORK/upgrade.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
+    summary+=("between majors: $(grep -E '^[0-9]+ (passed|failed)' "$WORK/upgrade.log" | tail -1)")
 fi
+
+echo
+echo "######## what ran"
+printf '  %s\n' "${summary[@]}"

@@ -63,8 +63,9 @@ enum Found {
 }
 
 unsafe fn columns(tupdesc: pg_sys::TupleDesc) -> Option<Columns> {
-    let natts = (*tupdesc).natts as usize;
-    let attrs = (*tupdesc).attrs.as_slice(natts);
+    // PgTupleDesc reads the attributes the way each major lays them out.
+    let desc = pgrx::PgTupleDesc::from_pg_unchecked(tupdesc);
+    let attrs: Vec<&pg_sys::FormData_pg_attribute> = desc.iter().collect();
     let find = |wanted: &str, type_oid: pg_sys::Oid| {
         let position = attrs.iter().position(|a| {
             !a.attisdropped
@@ -145,7 +146,12 @@ unsafe fn share_lock_held(relid: pg_sys::Oid) -> bool {
         locktag_type: pg_sys::LockTagType::LOCKTAG_RELATION as u8,
         locktag_lockmethodid: pg_sys::DEFAULT_LOCKMETHOD as u8,
     };
-    pg_sys::LockHeldByMe(&tag, pg_sys::AccessShareLock as pg_sys::LOCKMODE)
+    let mode = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+    // 17 added "or a stronger mode": exactly this mode, as before.
+    #[cfg(any(feature = "pg15", feature = "pg16"))]
+    return pg_sys::LockHeldByMe(&tag, mode);
+    #[cfg(not(any(feature = "pg15", feature = "pg16")))]
+    return pg_sys::LockHeldByMe(&tag, mode, false);
 }
 
 /// Looks `hash` up in `api_keys` of `namespace`.
@@ -259,30 +265,46 @@ unsafe fn usable_columns(
 /// (a `sigsetjmp`) per call, which was a tenth of a verification. Inside
 /// those steps only raw pointers and plain values live on the stack, so an
 /// error raised by Postgres skips no destructor (pgrx's rule for
-/// `pg_guard_ffi_boundary`). Signatures as in pgrx's PostgreSQL 15 bindings.
+/// `pg_guard_ffi_boundary`).
 mod unguarded {
     use pgrx::pg_sys::*;
+    use std::ffi::{c_char, c_int};
 
-    unsafe extern "C-unwind" {
-        pub fn relation_open(relationId: Oid, lockmode: LOCKMODE) -> Relation;
-        pub fn relation_close(relation: Relation, lockmode: LOCKMODE);
-        pub fn CommandCounterIncrement();
-        pub fn IsInParallelMode() -> bool;
-        pub fn ActiveSnapshotSet() -> bool;
-        pub fn GetTransactionSnapshot() -> Snapshot;
-        pub fn GetLatestSnapshot() -> Snapshot;
-        pub fn RegisterSnapshot(snapshot: Snapshot) -> Snapshot;
-        pub fn UnregisterSnapshot(snapshot: Snapshot);
-        pub fn PushActiveSnapshot(snapshot: Snapshot);
-        pub fn GetActiveSnapshot() -> Snapshot;
-        pub fn PopActiveSnapshot();
-        pub fn cstring_to_text_with_len(
-            s: *const ::core::ffi::c_char,
-            len: ::core::ffi::c_int,
-        ) -> *mut text;
-        pub fn ScanKeyEntryInitialize(
+    /// Declares each function without pgrx's guard, and checks at compile
+    /// time that pgrx's binding of it, generated from the headers of the
+    /// major being built, has exactly this signature: a major that changes
+    /// one is a compile error, never a silent call with the wrong arguments.
+    macro_rules! unguarded {
+        ($($(#[$attr:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?;)*) => {
+            unsafe extern "C-unwind" {
+                $($(#[$attr])* pub fn $name($($arg: $ty),*) $(-> $ret)?;)*
+            }
+            #[allow(dead_code)]
+            fn same_signatures_as_pgrx() {
+                $($(#[$attr])* {
+                    let _: unsafe fn($($ty),*) $(-> $ret)? = pgrx::pg_sys::$name;
+                })*
+            }
+        };
+    }
+
+    unguarded! {
+        fn relation_open(relationId: Oid, lockmode: LOCKMODE) -> Relation;
+        fn relation_close(relation: Relation, lockmode: LOCKMODE);
+        fn CommandCounterIncrement();
+        fn IsInParallelMode() -> bool;
+        fn ActiveSnapshotSet() -> bool;
+        fn GetTransactionSnapshot() -> Snapshot;
+        fn GetLatestSnapshot() -> Snapshot;
+        fn RegisterSnapshot(snapshot: Snapshot) -> Snapshot;
+        fn UnregisterSnapshot(snapshot: Snapshot);
+        fn PushActiveSnapshot(snapshot: Snapshot);
+        fn GetActiveSnapshot() -> Snapshot;
+        fn PopActiveSnapshot();
+        fn cstring_to_text_with_len(s: *const c_char, len: c_int) -> *mut text;
+        fn ScanKeyEntryInitialize(
             entry: ScanKey,
-            flags: ::core::ffi::c_int,
+            flags: c_int,
             attributeNumber: AttrNumber,
             strategy: StrategyNumber,
             subtype: Oid,
@@ -290,29 +312,40 @@ mod unguarded {
             procedure: RegProcedure,
             argument: Datum,
         );
-        pub fn index_beginscan(
+        #[cfg(not(feature = "pg18"))]
+        fn index_beginscan(
             heapRelation: Relation,
             indexRelation: Relation,
             snapshot: Snapshot,
-            nkeys: ::core::ffi::c_int,
-            norderbys: ::core::ffi::c_int,
+            nkeys: c_int,
+            norderbys: c_int,
         ) -> IndexScanDesc;
-        pub fn index_rescan(
+        // 18 added the scan's instrumentation (NULL: none).
+        #[cfg(feature = "pg18")]
+        fn index_beginscan(
+            heapRelation: Relation,
+            indexRelation: Relation,
+            snapshot: Snapshot,
+            instrument: *mut IndexScanInstrumentation,
+            nkeys: c_int,
+            norderbys: c_int,
+        ) -> IndexScanDesc;
+        fn index_rescan(
             scan: IndexScanDesc,
             keys: ScanKey,
-            nkeys: ::core::ffi::c_int,
+            nkeys: c_int,
             orderbys: ScanKey,
-            norderbys: ::core::ffi::c_int,
+            norderbys: c_int,
         );
-        pub fn index_getnext_slot(
+        fn index_getnext_slot(
             scan: IndexScanDesc,
             direction: ScanDirection::Type,
             slot: *mut TupleTableSlot,
         ) -> bool;
-        pub fn index_endscan(scan: IndexScanDesc);
-        pub fn table_slot_create(rel: Relation, reglist: *mut *mut List) -> *mut TupleTableSlot;
-        pub fn ExecDropSingleTupleTableSlot(slot: *mut TupleTableSlot);
-        pub fn slot_getsomeattrs_int(slot: *mut TupleTableSlot, attnum: ::core::ffi::c_int);
+        fn index_endscan(scan: IndexScanDesc);
+        fn table_slot_create(rel: Relation, reglist: *mut *mut List) -> *mut TupleTableSlot;
+        fn ExecDropSingleTupleTableSlot(slot: *mut TupleTableSlot);
+        fn slot_getsomeattrs_int(slot: *mut TupleTableSlot, attnum: c_int);
     }
 }
 
@@ -431,7 +464,10 @@ unsafe fn probe(
             pg_sys::Oid::from(pg_sys::F_TEXTEQ),
             pg_sys::Datum::from(hash_text),
         );
+        #[cfg(not(feature = "pg18"))]
         let scan = index_beginscan(heap, index, snapshot.get(), 1, 0);
+        #[cfg(feature = "pg18")]
+        let scan = index_beginscan(heap, index, snapshot.get(), std::ptr::null_mut(), 1, 0);
         index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
         let slot = table_slot_create(heap, std::ptr::null_mut());
         let found = index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot);

@@ -42,10 +42,14 @@ impl<const N: usize> OneRow<N> {
         } else {
             0
         };
-        // Raises if the caller cannot take a set in materialize mode. This is
-        // InitMaterializedSRF under the name it had in PostgreSQL 15.0; 15.1
-        // renamed it and kept this symbol, so the library loads on every 15.x.
+        // Raises if the caller cannot take a set in materialize mode.
+        // On 15 this is InitMaterializedSRF under the name it had in 15.0;
+        // 15.1 renamed it and kept this symbol, so the library loads on
+        // every 15.x. 16 dropped the old name.
+        #[cfg(feature = "pg15")]
         pg_sys::SetSingleFuncCall(fcinfo, flags);
+        #[cfg(not(feature = "pg15"))]
+        pg_sys::InitMaterializedSRF(fcinfo, flags);
         let row = OneRow {
             store: (*rsinfo).setResult,
             desc: (*rsinfo).setDesc,
@@ -66,9 +70,10 @@ impl<const N: usize> OneRow<N> {
         if (*self.desc).natts as usize != N {
             return false;
         }
-        let attrs = (*self.desc).attrs.as_slice(N);
-        attrs
-            .iter()
+        // PgTupleDesc reads the attributes the way each major lays them out
+        // (18 keeps them after an array of compact attributes).
+        let desc = pgrx::PgTupleDesc::from_pg_unchecked(self.desc);
+        desc.iter()
             .zip(types)
             .all(|(attr, &expected)| !attr.attisdropped && attr.atttypid == expected)
     }

@@ -21,6 +21,18 @@ USERS_DDL = "CREATE TABLE users (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), 
 
 
 PORT = os.environ.get("PGPORT", "26329")
+# The PostgreSQL under test: scripts/test.sh runs this suite once per major.
+PG_BIN = pathlib.Path(os.environ.get("MK_PG_BIN", "/usr/lib/postgresql/15/bin"))
+PG_MAJOR = int(os.environ.get("MK_PG_MAJOR", "15"))
+
+
+def has_extension(name):
+    """Whether the PostgreSQL under test ships the contrib extension `name`
+    (the PostgreSQL 16 tree we test on has no contrib at all)."""
+    import subprocess
+    share = subprocess.run([str(PG_BIN / "pg_config"), "--sharedir"], check=True,
+                           capture_output=True, text=True).stdout.strip()
+    return (pathlib.Path(share) / "extension" / f"{name}.control").exists()
 
 
 def conninfo(dbname, user=SUPERUSER, port=PORT):

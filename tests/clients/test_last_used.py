@@ -9,7 +9,7 @@ import time
 
 import psycopg
 
-from conftest import PORT, REPO, add_user, connect, conninfo
+from conftest import PG_BIN, PORT, REPO, add_user, connect, conninfo
 
 
 def issue(conn):
@@ -66,7 +66,7 @@ def test_verification_on_a_hot_standby(db):
         os.chmod(root, 0o777)
         data = root / "data"
         subprocess.run(
-            ["sudo", "-u", "postgres", "/usr/lib/postgresql/15/bin/pg_basebackup",
+            ["sudo", "-u", "postgres", str(PG_BIN / "pg_basebackup"),
              "-h", os.environ.get("PGHOST", "127.0.0.1"), "-p", PORT,
              "-U", "postgres", "-D", str(data), "-R", "-X", "stream", "-c", "fast"],
             check=True, capture_output=True)

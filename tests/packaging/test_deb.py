@@ -28,7 +28,8 @@ def installed_files():
 
 
 def test_deb_installs_into_a_clean_postgresql_15_and_uninstalls_cleanly():
-    deb = run("bash", str(REPO / "scripts/package.sh")).strip().splitlines()[-1]
+    deb = subprocess.run(["bash", str(REPO / "scripts/package.sh")], check=True, capture_output=True, text=True,
+                         env={**os.environ, "MK_PG_MAJOR": "15"}).stdout.strip().splitlines()[-1]
     deb = str(REPO / deb)
     assert run("dpkg-deb", "-f", deb, "Package").strip() == PACKAGE
 
