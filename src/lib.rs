@@ -27,6 +27,13 @@ extension_sql_file!(
     name = "schema_0_2_0",
     requires = ["bootstrap"]
 );
+// 0.2.1: the call that restores the users foreign key after a logical
+// restore; the upgrade script creates the same function.
+extension_sql_file!(
+    "../sql/user_foreign_key.sql",
+    name = "user_foreign_key",
+    requires = ["bootstrap"]
+);
 // Privileges, once every function exists.
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import add_user, connect
+from conftest import add_user, connect, sqlstate_of
 
 
 def pg_env():
@@ -58,14 +58,27 @@ def test_every_key_verifies_after_dump_and_restore(db, new_db, tmp_path, fmt):
         new_key = conn.execute("SELECT key FROM mk_issue_key(%s)", (users[2],)).fetchone()[0]
         assert conn.execute("SELECT mk_verify(%s)", (new_key,)).fetchone()[0] == users[2]
         # CREATE EXTENSION runs before the dump creates users, so the foreign
-        # key is attached afterwards with the statement the README gives.
-        fks = "SELECT count(*) FROM pg_constraint WHERE conrelid = 'api_keys'::regclass AND contype = 'f'"
-        assert conn.execute(fks).fetchone()[0] == 0
-        conn.execute(
-            "ALTER TABLE api_keys ADD CONSTRAINT api_keys_user_id_fkey"
-            " FOREIGN KEY (user_id) REFERENCES users(id) ON DELETE CASCADE"
-        )
-        assert conn.execute(fks).fetchone()[0] == 1
+        # key comes back with the one call the README gives, once.
+        fks = "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'api_keys'::regclass AND contype = 'f'"
+        assert conn.execute(fks).fetchall() == []
+        assert conn.execute("SELECT mk_restore_user_foreign_key()").fetchone()[0] is True
+        assert conn.execute(fks).fetchall() == [("FOREIGN KEY (user_id) REFERENCES users(id) ON DELETE CASCADE",)]
+        assert conn.execute("SELECT mk_restore_user_foreign_key()").fetchone()[0] is False
+        conn.execute("DELETE FROM users WHERE id = %s", (users[5],))
+        assert conn.execute("SELECT mk_verify(%s)", (keys[users[5]],)).fetchone()[0] is None
+
+
+def test_restoring_the_foreign_key_fails_cleanly_without_users_or_with_orphan_keys(new_db):
+    name = new_db()
+    with connect(name) as conn:
+        conn.execute("CREATE EXTENSION makima_keys")  # no users table: no foreign key
+        assert sqlstate_of(conn, "SELECT mk_restore_user_foreign_key()") == "42P01"
+        conn.execute("CREATE TABLE users (id uuid PRIMARY KEY)")
+        orphan = conn.execute("SELECT gen_random_uuid()").fetchone()[0]
+        conn.execute("SELECT mk_issue_key(%s)", (orphan,))
+        assert sqlstate_of(conn, "SELECT mk_restore_user_foreign_key()") == "23503"
+        conn.execute("INSERT INTO users VALUES (%s)", (orphan,))
+        assert conn.execute("SELECT mk_restore_user_foreign_key()").fetchone()[0] is True
 
 
 def test_drop_extension_drops_the_keys(db):

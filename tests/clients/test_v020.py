@@ -155,7 +155,7 @@ def test_fresh_install_adds_three_nullable_columns_after_the_seed_columns(db, ne
         seed_columns = conn.execute(COLUMNS).fetchall()
         seed_indexes = conn.execute(INDEXES).fetchall()
     with connect(db) as conn:
-        assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'makima_keys'").fetchone()[0] == "0.2.0"
+        assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'makima_keys'").fetchone()[0] == CURRENT_VERSION
         columns = conn.execute(COLUMNS).fetchall()
         assert columns[:8] == seed_columns
         assert columns[8:] == [
@@ -821,6 +821,7 @@ NEW_CALLS = {
     "listing": "SELECT * FROM mk_keys",
     "table": "SELECT * FROM api_keys",
     "hash_key": "SELECT mk_hash_key(%(key)s)",
+    "restore_user_foreign_key (0.2.1)": "SELECT mk_restore_user_foreign_key()",
     "well_formed": "SELECT mk_key_is_well_formed(%(key)s)",
 }
 OPEN_TO_PUBLIC = {"hash_key", "well_formed"}
@@ -867,7 +868,9 @@ LEGACY_GRANTS = ('GRANT EXECUTE ON FUNCTION mk_verify(text), mk_verify_detail(te
 CURRENT_GRANTS = ('GRANT EXECUTE ON FUNCTION mk_verify(text), mk_verify_detail(text),'
                   ' mk_issue_key(uuid, text, interval, text[], jsonb),'
                   ' mk_rotate_key(uuid, text, interval, text[], jsonb, interval) TO "{role}"')
-UPDATE = "ALTER EXTENSION makima_keys UPDATE TO '0.2.0'"
+# The version this build installs; updates go to it through every script.
+CURRENT_VERSION = "0.2.1"
+UPDATE = "ALTER EXTENSION makima_keys UPDATE"
 SEED_ROWS = f"SELECT {', '.join(SEED_COLUMNS)} FROM api_keys ORDER BY id"
 
 
@@ -950,7 +953,7 @@ def test_update_from_0_1_0_keeps_every_key_and_grant_and_adds_the_new_surface(ro
     with connect(name) as su:
         before = su.execute(SEED_ROWS).fetchall()
         su.execute(UPDATE)
-        assert extversion(su) == "0.2.0"
+        assert extversion(su) == CURRENT_VERSION
         assert su.execute(SEED_ROWS).fetchall() == before
         assert su.execute("SELECT count(*) FROM api_keys WHERE expires_at IS NOT NULL OR scopes IS NOT NULL"
                           " OR metadata IS NOT NULL").fetchone()[0] == 0
@@ -1108,7 +1111,7 @@ def assert_same_catalog(actual, expected):
 
 
 def updated_and_fresh(new_db, app):
-    """An updated database and a fresh 0.2.0 one, with the same grants to app."""
+    """A database updated from 0.1.0 and a fresh one, with the same grants to app."""
     updated, fresh = new_db(), new_db()
     install_0_1_0_with_keys(updated, app)
     with connect(updated) as su:
@@ -1124,7 +1127,7 @@ def test_updated_catalog_equals_a_fresh_install(role, new_db):
     updated, fresh = updated_and_fresh(new_db, role("app"))
     with connect(updated) as a, connect(fresh) as b:
         got, want = catalog(a), catalog(b)
-    assert want["extension"][0][0] == "0.2.0"
+    assert want["extension"][0][0] == CURRENT_VERSION
     assert want["view"], "a fresh install has no mk_keys view"
     assert_same_catalog(got, want)
 
@@ -1207,7 +1210,7 @@ def test_update_of_a_database_that_adopted_the_seed_table(role, new_db):
         bob_key = su.execute("SELECT key FROM mk_issue_key(%s, 'k')", (bob,)).fetchone()[0]
         before = su.execute(SEED_ROWS).fetchall()
         su.execute(UPDATE)
-        assert extversion(su) == "0.2.0"
+        assert extversion(su) == CURRENT_VERSION
         assert su.execute(SEED_ROWS).fetchall() == before
         assert verify(su, "mk_legacyActiveKey1234") == alice
         assert verify(su, "mk_legacyActiveKey1234", ["read"]) == alice
@@ -1246,7 +1249,7 @@ def test_update_in_a_schema_that_needs_quoting(new_db, schema):
                        for _ in range(2))
         old = conn.execute(f"SELECT key FROM {quoted}.mk_issue_key(%s)", (user,)).fetchone()[0]
         conn.execute(UPDATE)
-        assert extversion(conn) == "0.2.0"
+        assert extversion(conn) == CURRENT_VERSION
         assert conn.execute(f"SELECT {quoted}.mk_verify(%s::text, '{{read}}'::text[])", (old,)).fetchone()[0] == user
         new = conn.execute(f"SELECT key FROM {quoted}.mk_rotate_key(%s, grace => '1 hour', scopes => '{{read}}')",
                            (user,)).fetchone()[0]
@@ -1257,3 +1260,43 @@ def test_update_in_a_schema_that_needs_quoting(new_db, schema):
         assert sorted(r[0] for r in conn.execute(f"SELECT status FROM {quoted}.mk_keys").fetchall()) == [
             "revoked", "valid", "valid"]
         assert sqlstate_of(conn, f"SELECT {quoted}.mk_issue_key(gen_random_uuid())") == "23503"
+
+
+# ---------------------------------------------------------------- 0.2.0 -> 0.2.1
+
+def test_update_from_0_2_0_keeps_every_key_and_grant_and_adds_the_restore_call(role, new_db):
+    """0.2.1 adds mk_restore_user_foreign_key(); a database at 0.2.0 holding
+    keys of every kind updates to exactly a fresh install's catalog and
+    initial privileges, and every key answers as before."""
+    app = role("app")
+    updated, fresh = new_db(), new_db()
+    with connect(updated) as su:
+        su.execute(USERS_DDL)
+        su.execute("CREATE EXTENSION makima_keys VERSION '0.2.0'")
+        assert extversion(su) == "0.2.0"
+        su.execute(CURRENT_GRANTS.format(role=app))
+        plain_user, scoped_user, rotated_user, revoked_user = (add_user(su) for _ in range(4))
+        keys = {"plain": issue(su, plain_user)[1],
+                "scoped": issue(su, scoped_user, expires_in="30 days", scopes=["read"],
+                                metadata='{"team": "ops"}')[1]}
+        keys["in grace"] = issue(su, rotated_user)[1]
+        keys["rotated"] = rotate(su, rotated_user, grace="1 day")[1]
+        keys["revoked"] = issue(su, revoked_user)[1]
+        su.execute("SELECT mk_revoke_user_keys(%s)", (revoked_user,))
+        answers = lambda: {name: (verify(su, key), su.execute(  # noqa: E731
+            "SELECT * FROM mk_verify_detail(%s, '{read}')", (key,)).fetchall()) for name, key in keys.items()}
+        before, rows = answers(), su.execute(EVERY_ROW).fetchall()
+        su.execute(UPDATE)
+        assert extversion(su) == CURRENT_VERSION
+        assert answers() == before
+        assert su.execute(EVERY_ROW).fetchall() == rows
+        assert not su.execute("SELECT has_function_privilege(%s, 'mk_restore_user_foreign_key()', 'EXECUTE')",
+                              (app,)).fetchone()[0]
+        assert su.execute("SELECT mk_restore_user_foreign_key()").fetchone()[0] is False  # the key is there
+    with connect(fresh) as su:
+        su.execute(USERS_DDL)
+        su.execute("CREATE EXTENSION makima_keys")
+        su.execute(CURRENT_GRANTS.format(role=app))
+    with connect(updated) as a, connect(fresh) as b:
+        assert_same_catalog(catalog(a), catalog(b))
+        assert a.execute(INIT_PRIVS).fetchall() == b.execute(INIT_PRIVS).fetchall()

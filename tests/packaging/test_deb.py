@@ -41,8 +41,9 @@ def test_deb_installs_into_a_clean_postgresql_15_and_uninstalls_cleanly():
 
     run("dpkg", "-i", deb)
     owned = run("dpkg", "-L", PACKAGE).split()
-    for path in (LIB / "makima_keys.so", SHARE / "makima_keys.control", SHARE / "makima_keys--0.2.0.sql",
-                 SHARE / "makima_keys--0.1.0.sql", SHARE / "makima_keys--0.1.0--0.2.0.sql"):
+    for path in (LIB / "makima_keys.so", SHARE / "makima_keys.control", SHARE / "makima_keys--0.2.1.sql", SHARE / "makima_keys--0.2.0.sql",
+                 SHARE / "makima_keys--0.1.0.sql", SHARE / "makima_keys--0.1.0--0.2.0.sql",
+                 SHARE / "makima_keys--0.2.0--0.2.1.sql"):
         assert str(path) in owned and path.exists()
 
     root = pathlib.Path(tempfile.mkdtemp(prefix="mk-deb-"))
@@ -54,7 +55,7 @@ def test_deb_installs_into_a_clean_postgresql_15_and_uninstalls_cleanly():
         with psycopg.connect(info, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION makima_keys")
             version = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'makima_keys'").fetchone()[0]
-            assert version == "0.2.0"
+            assert version == "0.2.1"
             user = conn.execute("SELECT gen_random_uuid()").fetchone()[0]
             key = conn.execute("SELECT key FROM mk_issue_key(%s, scopes => '{read}')", (user,)).fetchone()[0]
             assert conn.execute("SELECT mk_verify(%s, '{read}')", (key,)).fetchone()[0] == user
@@ -64,7 +65,7 @@ def test_deb_installs_into_a_clean_postgresql_15_and_uninstalls_cleanly():
             key = conn.execute("SELECT key FROM mk_issue_key(%s)", (user,)).fetchone()[0]
             conn.execute("ALTER EXTENSION makima_keys UPDATE")
             version = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'makima_keys'").fetchone()[0]
-            assert version == "0.2.0"
+            assert version == "0.2.1"
             assert conn.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0] == user
             conn.execute("DROP EXTENSION makima_keys")
     finally:

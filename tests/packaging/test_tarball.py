@@ -29,7 +29,7 @@ def pg_config_for(major):
 def test_tarball_installs_into_a_clean_tree(major):
     pg_config = pg_config_for(major)
     tarball = REPO / run("bash", str(REPO / "scripts/package.sh"), env={"MK_PG_MAJOR": str(major)}).strip().splitlines()[-1]
-    assert tarball.name.startswith(f"makima_keys-0.2.0-pg{major}-")
+    assert tarball.name.startswith(f"makima_keys-0.2.1-pg{major}-")
 
     libdir = pathlib.Path(run(pg_config, "--pkglibdir").strip())
     extdir = pathlib.Path(run(pg_config, "--sharedir").strip()) / "extension"
@@ -40,8 +40,9 @@ def test_tarball_installs_into_a_clean_tree(major):
         run("tar", "-xzf", str(tarball), "-C", unpack)
         (script,) = pathlib.Path(unpack).glob("*/install.sh")
         run("sh", str(script), pg_config)
-    for path in (libdir / "makima_keys.so", extdir / "makima_keys.control", extdir / "makima_keys--0.2.0.sql",
-                 extdir / "makima_keys--0.1.0.sql", extdir / "makima_keys--0.1.0--0.2.0.sql"):
+    for path in (libdir / "makima_keys.so", extdir / "makima_keys.control", extdir / "makima_keys--0.2.1.sql", extdir / "makima_keys--0.2.0.sql",
+                 extdir / "makima_keys--0.1.0.sql", extdir / "makima_keys--0.1.0--0.2.0.sql",
+                 extdir / "makima_keys--0.2.0--0.2.1.sql"):
         assert path.exists(), path
 
     root = pathlib.Path(tempfile.mkdtemp(prefix="mk-tarball-cluster-"))
@@ -61,7 +62,7 @@ def test_tarball_installs_into_a_clean_tree(major):
             conn.execute("CREATE EXTENSION makima_keys VERSION '0.1.0'")
             key = conn.execute("SELECT key FROM mk_issue_key(%s)", (user,)).fetchone()[0]
             conn.execute("ALTER EXTENSION makima_keys UPDATE")
-            assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'makima_keys'").fetchone()[0] == "0.2.0"
+            assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'makima_keys'").fetchone()[0] == "0.2.1"
             assert conn.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0] == user
     finally:
         run("bash", cluster, "stop", str(root), env=env)
