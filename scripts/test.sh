@@ -36,6 +36,13 @@ trap cleanup EXIT
 cargo build -q --locked --manifest-path tests/clients/rust/Cargo.toml
 [ $# -gt 0 ] || set -- tests/clients
 summary=()
+passed=0
+count_passed() {  # adds the "N passed" of a runner's closing lines (cargo: every test binary)
+    local n
+    for n in $(grep -E '^(test result: .*|[0-9]+ passed.*)$' "$1" | grep -Eo '[0-9]+ passed' | grep -Eo '[0-9]+'); do
+        passed=$((passed + n))
+    done
+}
 
 for major in $VERSIONS; do
     PG_CONFIG=$(pg_config_for "$major")
@@ -54,6 +61,7 @@ for major in $VERSIONS; do
         grep -q '^test result: ok' "$WORK/pgrx-test$major.log" && ! grep -q '^test result: FAILED' "$WORK/pgrx-test$major.log" \
             || { tail -80 "$WORK/pgrx-test$major.log"; exit 1; }
         summary+=("pg$major cargo pgrx test: $(grep '^test result' "$WORK/pgrx-test$major.log" | head -1)")
+        count_passed "$WORK/pgrx-test$major.log"
     fi
 
     echo "== [pg$major] install the extension"
@@ -78,6 +86,7 @@ for major in $VERSIONS; do
             exit 1
         fi
         summary+=("pg$major pg_regress: $(echo $regress_tests | wc -w) files passed")
+        passed=$((passed + $(echo $regress_tests | wc -w)))
     fi
 
     echo "== [pg$major] 3/3 client tests (pytest: psycopg, SQLAlchemy, node-postgres, tokio-postgres, psql)"
@@ -85,6 +94,7 @@ for major in $VERSIONS; do
     PATH="$PG_BIN:$PATH" .venv/bin/python -m pytest -q -rs -p no:cacheprovider "$@" | tee "$WORK/pytest$major.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
     summary+=("pg$major client tests: $(grep -E '^[0-9]+ (passed|failed)' "$WORK/pytest$major.log" | tail -1)")
+    count_passed "$WORK/pytest$major.log"
     bash scripts/cluster.sh stop "$WORK/cluster$major"
 done
 
@@ -96,6 +106,7 @@ if [ -z "${MK_CLIENT_TESTS_ONLY:-}" ] && [ "$VERSIONS" = "$MK_PG_VERSIONS" ]; th
     .venv/bin/python -m pytest -q -p no:cacheprovider tests/packaging | tee "$WORK/packaging.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
     summary+=("packaging: $(grep -E '^[0-9]+ (passed|failed)' "$WORK/packaging.log" | tail -1)")
+    count_passed "$WORK/packaging.log"
 
     echo
     echo "== 5/5 moving between majors (pg_upgrade 16 -> 18; dump and restore 15 -> 18)"
@@ -104,8 +115,11 @@ if [ -z "${MK_CLIENT_TESTS_ONLY:-}" ] && [ "$VERSIONS" = "$MK_PG_VERSIONS" ]; th
     .venv/bin/python -m pytest -q -p no:cacheprovider tests/upgrade | tee "$WORK/upgrade.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
     summary+=("between majors: $(grep -E '^[0-9]+ (passed|failed)' "$WORK/upgrade.log" | tail -1)")
+    count_passed "$WORK/upgrade.log"
 fi
 
 echo
 echo "######## what ran"
 printf '  %s\n' "${summary[@]}"
+# Every step above exits at its first failure, so reaching here means none failed.
+echo "makima_keys: $passed passed, 0 failed"
