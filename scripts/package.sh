@@ -73,8 +73,11 @@ pg_config=\${1:?usage: sh install.sh /path/to/pg_config}
 major=\$("\$pg_config" --version | sed -E 's/^PostgreSQL ([0-9]+).*/\\1/')
 [ "\$major" = $pg_major ] || { echo "this package is for PostgreSQL $pg_major, \$pg_config is \$major" >&2; exit 1; }
 here=\$(dirname "\$0")
-install -m 755 "\$here/lib/makima_keys.so" "\$("\$pg_config" --pkglibdir)/"
-install -m 644 "\$here"/extension/* "\$("\$pg_config" --sharedir)/extension/"
+libdir=\$("\$pg_config" --pkglibdir)
+extdir=\$("\$pg_config" --sharedir)/extension
+[ -d "\$libdir" ] && [ -d "\$extdir" ] || { echo "\$pg_config names no installation" >&2; exit 1; }
+install -m 755 "\$here/lib/makima_keys.so" "\$libdir/"
+install -m 644 "\$here"/extension/* "\$extdir/"
 echo "makima_keys $version installed into PostgreSQL $pg_major; now: CREATE EXTENSION makima_keys;"
 INSTALL
 tarball=target/dist/$name.tar.gz

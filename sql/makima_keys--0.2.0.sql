@@ -7,7 +7,7 @@ The ordering of items is not stable, it is driven by a dependency graph.
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:23
+-- src/lib.rs:22
 -- bootstrap
 -- makima_keys install, part 1: the api_keys table.
 --
@@ -49,9 +49,6 @@ DECLARE
     index_tail text;
     found_definition text;
     adoption_notice text;
-    code_found text[];
-    grantee_name name;
-    privilege text;
     no_foreign_key_notice text;
     saved_min_messages text;
 BEGIN
@@ -107,14 +104,15 @@ BEGIN
                       HINT = 'makima_keys creates api_keys itself, or adopts the table of the makima migration.';
         END IF;
 
-        -- Only a role the threat model trusts may hand us a table: a
-        -- superuser, or a role with the rights of the schema's owner (the
-        -- database owner only where it owns the schema, as through
-        -- pg_database_owner for PostgreSQL 15's public). Any other role
-        -- could have planted it, with code that would run with our rights.
-        IF NOT ((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = previous_owner)
-                OR pg_catalog.pg_has_role(previous_owner, schema_owner, 'MEMBER')) THEN
-            RAISE EXCEPTION 'refusing to adopt %.api_keys: it is owned by role %, which is neither a superuser nor the schema''s owner',
+        -- Only a role that already controls the schema may hand us a table:
+        -- another role could have planted it, with triggers that would run
+        -- with our privileges.
+        IF NOT (previous_owner = schema_owner
+                OR previous_owner = (SELECT d.datdba FROM pg_catalog.pg_database d
+                                      WHERE d.datname = pg_catalog.current_database())
+                OR previous_owner = (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = current_user)
+                OR (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = previous_owner)) THEN
+            RAISE EXCEPTION 'refusing to adopt %.api_keys: it is owned by role %, which owns neither the schema nor the database',
                     pg_catalog.quote_ident(ext_schema), previous_owner::pg_catalog.regrole
                 USING ERRCODE = 'insufficient_privilege',
                       HINT = 'Drop or rename that table, or have the schema owner create it, then run CREATE EXTENSION again.';
@@ -152,86 +150,16 @@ BEGIN
                       HINT = 'Compare the table with 20250110000003_create_api_keys_table.sql.';
         END IF;
 
-        -- Nothing attached to the table may call a function: our functions
-        -- write it with the extension owner's rights, and autovacuum's
-        -- ANALYZE runs as its owner. Only the seed's two defaults, the
-        -- seed's indexes and foreign key, and plain columns and indexes of
-        -- built-in types with default collations and operator classes pass.
-        SELECT pg_catalog.array_remove(ARRAY[
-            CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
-                               WHERE t.tgrelid = api_keys_oid AND NOT t.tgisinternal) THEN 'triggers' END,
-            CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite r WHERE r.ev_class = api_keys_oid) THEN 'rules' END,
-            CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_inherits h
-                               WHERE h.inhrelid = api_keys_oid OR h.inhparent = api_keys_oid) THEN 'inheritance' END,
-            CASE WHEN c.relrowsecurity OR c.relforcerowsecurity
-                      OR EXISTS (SELECT 1 FROM pg_catalog.pg_policy p WHERE p.polrelid = api_keys_oid)
-                 THEN 'row security policies' END,
-            CASE WHEN c.relam IS DISTINCT FROM (SELECT am.oid FROM pg_catalog.pg_am am WHERE am.amname = 'heap')
-                 THEN 'a table access method other than heap' END,
-            CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
-                               WHERE a.attrelid = api_keys_oid AND a.attnum > 0 AND NOT a.attisdropped
-                                 AND a.atthasdef AND a.attname <> ALL (ARRAY['id', 'created_at']))
-                 THEN 'column defaults other than the migration''s' END,
-            CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
-                               WHERE a.attrelid = api_keys_oid AND a.attnum > 0 AND NOT a.attisdropped
-                                 AND a.attgenerated <> '') THEN 'generated columns' END,
-            CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
-                                JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid
-                               WHERE a.attrelid = api_keys_oid AND a.attnum > 0 AND NOT a.attisdropped
-                                 AND (ty.typtype = 'd' OR ty.typnamespace <> 'pg_catalog'::pg_catalog.regnamespace))
-                 THEN 'columns of domains or of types outside pg_catalog' END,
-            CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
-                                JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid
-                               WHERE a.attrelid = api_keys_oid AND a.attnum > 0 AND NOT a.attisdropped
-                                 AND a.attcollation <> ty.typcollation)
-                 THEN 'columns with a non-default collation' END,
-            CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_constraint k
-                               WHERE k.conrelid = api_keys_oid
-                                 AND k.contype NOT IN ('p', 'u', 'f', 'n'))
-                 THEN 'CHECK, exclusion or trigger constraints' END,
-            CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_constraint k
-                               WHERE k.conrelid = api_keys_oid AND k.contype = 'f'
-                                 AND NOT (k.conkey = ARRAY[(SELECT a.attnum FROM pg_catalog.pg_attribute a
-                                                             WHERE a.attrelid = api_keys_oid AND a.attname = 'user_id')]
-                                          AND k.confrelid = (SELECT u.oid FROM pg_catalog.pg_class u
-                                                              WHERE u.relnamespace = ext_namespace AND u.relname = 'users')
-                                          AND k.confkey = ARRAY[(SELECT a.attnum FROM pg_catalog.pg_attribute a
-                                                                  WHERE a.attrelid = k.confrelid AND a.attname = 'id')]))
-                 THEN 'foreign keys other than user_id to users(id)' END,
-            CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_index x JOIN pg_catalog.pg_class ic ON ic.oid = x.indexrelid
-                               WHERE x.indrelid = api_keys_oid
-                                 AND (x.indexprs IS NOT NULL
-                                      OR (x.indpred IS NOT NULL
-                                          AND pg_catalog.pg_get_indexdef(x.indexrelid) IS DISTINCT FROM
-                                              (SELECT pg_catalog.format('CREATE %sINDEX %I ON %I.api_keys %s',
-                                                          CASE WHEN w.name = ANY (unique_indexes) THEN 'UNIQUE ' ELSE '' END,
-                                                          w.name, ext_schema, w.tail)
-                                                 FROM (SELECT wanted_indexes[n] AS name, wanted_indexes[n + 1] AS tail
-                                                         FROM pg_catalog.generate_series(1, pg_catalog.array_length(wanted_indexes, 1), 2) n) w
-                                                WHERE w.name = ic.relname))))
-                 THEN 'expression or partial indexes other than the migration''s' END,
-            CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_index x,
-                                     LATERAL pg_catalog.unnest(x.indclass::pg_catalog.oid[]) AS oc(oid)
-                                JOIN pg_catalog.pg_opclass o ON o.oid = oc.oid
-                               WHERE x.indrelid = api_keys_oid
-                                 AND (NOT o.opcdefault OR o.opcnamespace <> 'pg_catalog'::pg_catalog.regnamespace))
-                   OR EXISTS (SELECT 1 FROM pg_catalog.pg_index x,
-                                     LATERAL pg_catalog.unnest(x.indcollation::pg_catalog.oid[]) AS ic(oid)
-                               WHERE x.indrelid = api_keys_oid
-                                 AND ic.oid NOT IN (0, 'pg_catalog."default"'::pg_catalog.regcollation))
-                 THEN 'indexes with non-default operator classes or collations' END,
-            CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_statistic_ext st
-                               WHERE st.stxrelid = api_keys_oid AND st.stxexprs IS NOT NULL)
-                 THEN 'statistics on expressions' END
-        ], NULL)
-          INTO code_found
-          FROM pg_catalog.pg_class c WHERE c.oid = api_keys_oid;
-        IF pg_catalog.cardinality(code_found) > 0 THEN
-            RAISE EXCEPTION 'refusing to adopt %.api_keys: code attached to it would run with the extension''s privileges',
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = api_keys_oid AND NOT t.tgisinternal)
+           OR EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite r WHERE r.ev_class = api_keys_oid)
+           OR EXISTS (SELECT 1 FROM pg_catalog.pg_inherits h
+                       WHERE h.inhrelid = api_keys_oid OR h.inhparent = api_keys_oid)
+           OR (SELECT c.relrowsecurity FROM pg_catalog.pg_class c WHERE c.oid = api_keys_oid)
+        THEN
+            RAISE EXCEPTION 'refusing to adopt %.api_keys: it has triggers, rules, inheritance or row security',
                     pg_catalog.quote_ident(ext_schema)
                 USING ERRCODE = 'object_not_in_prerequisite_state',
-                      DETAIL = pg_catalog.format('Found: %s.', pg_catalog.array_to_string(code_found, ', ')),
-                      HINT = 'Remove it from the table first, then run CREATE EXTENSION again.';
+                      HINT = 'Code attached to the table would run with the extension''s privileges. Remove it first.';
         END IF;
 
         EXECUTE pg_catalog.format('ALTER EXTENSION makima_keys ADD TABLE %I.api_keys', ext_schema);
@@ -288,21 +216,6 @@ BEGIN
     END IF;
 
     EXECUTE pg_catalog.format('REVOKE ALL ON TABLE %I.api_keys FROM PUBLIC', ext_schema);
-    -- TRIGGER lets a role attach its own code to the table without owning
-    -- it, and our functions write the table as the extension owner;
-    -- TRUNCATE, REFERENCES and (from 17) MAINTAIN serve nobody here and let
-    -- a role lock the table against every verification. Grants of them (the
-    -- installer's default privileges, or the adopted table's old grants) go.
-    FOR grantee_name, privilege IN
-        SELECT DISTINCT r.rolname, a.privilege_type
-          FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
-          JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
-         WHERE c.oid = api_keys_oid AND a.grantee <> c.relowner
-           AND a.privilege_type IN ('TRIGGER', 'TRUNCATE', 'REFERENCES', 'MAINTAIN')
-    LOOP
-        EXECUTE pg_catalog.format('REVOKE %s ON TABLE %I.api_keys FROM %I CASCADE',
-                                  privilege, ext_schema, grantee_name);
-    END LOOP;
     -- pg_dump then dumps the rows, and CREATE EXTENSION recreates the table.
     PERFORM pg_catalog.pg_extension_config_dump(api_keys_oid::pg_catalog.regclass, '');
 
@@ -332,7 +245,7 @@ $bootstrap$;
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:25
+-- src/lib.rs:24
 -- requires:
 --   bootstrap
 
@@ -620,7 +533,7 @@ AS 'MODULE_PATHNAME', 'mk_verify_detail_v2_wrapper';
 /* </end connected objects> */
 
 /* <begin connected objects> */
--- src/lib.rs:31
+-- src/lib.rs:30
 -- finalize
 -- makima_keys install, last part: privileges, once every function exists.
 --

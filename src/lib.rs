@@ -17,6 +17,11 @@ pub mod policy;
 pub mod settings;
 pub mod store;
 
+#[cfg(any(feature = "pg13", feature = "pg14"))]
+compile_error!(
+    "makima_keys needs PostgreSQL 15 or later (MarkGUCPrefixReserved, InitMaterializedSRF)"
+);
+
 ::pgrx::pg_module_magic!(name, version);
 
 // The table, its indexes and the adoption of a pre-existing makima table.
