@@ -43,6 +43,16 @@ count_passed() {  # adds the "N passed" of a runner's closing lines (cargo: ever
         passed=$((passed + n))
     done
 }
+# pytest_step LABEL LOG PYTEST-ARGS...: runs pytest, stops the suite if it
+# fails, and adds its closing line to the summary and its count to the total.
+pytest_step() {
+    local label=$1 log=$2
+    shift 2
+    .venv/bin/python -m pytest -q -rs -p no:cacheprovider "$@" | tee "$log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
+    summary+=("$label: $(grep -E '^[0-9]+ (passed|failed)' "$log" | tail -1)")
+    count_passed "$log"
+}
 
 for major in $VERSIONS; do
     PG_CONFIG=$(pg_config_for "$major")
@@ -94,10 +104,7 @@ for major in $VERSIONS; do
 
     echo "== [pg$major] 3/3 client tests (pytest: psycopg, SQLAlchemy, node-postgres, tokio-postgres, psql)"
     # This major's psql, pg_dump, pg_restore and pgbench first on the path.
-    PATH="$PG_BIN:$PATH" .venv/bin/python -m pytest -q -rs -p no:cacheprovider "$@" | tee "$WORK/pytest$major.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
-    summary+=("pg$major client tests: $(grep -E '^[0-9]+ (passed|failed)' "$WORK/pytest$major.log" | tail -1)")
-    count_passed "$WORK/pytest$major.log"
+    PATH="$PG_BIN:$PATH" pytest_step "pg$major client tests" "$WORK/pytest$major.log" "$@"
     bash scripts/cluster.sh stop "$WORK/cluster$major"
 done
 
@@ -109,19 +116,13 @@ else
     unset MK_PG_MAJOR MK_PG_BIN CARGO_TARGET_DIR
     echo
     echo "== 4/5 packaging (.deb into a clean PostgreSQL 15; tarballs into clean 16 and 18 trees)"
-    .venv/bin/python -m pytest -q -p no:cacheprovider tests/packaging | tee "$WORK/packaging.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
-    summary+=("packaging: $(grep -E '^[0-9]+ (passed|failed)' "$WORK/packaging.log" | tail -1)")
-    count_passed "$WORK/packaging.log"
+    pytest_step packaging "$WORK/packaging.log" tests/packaging
 
     echo
     echo "== 5/5 moving between majors (pg_upgrade 16 -> 18; dump and restore 15 -> 18)"
     # The .deb test uninstalled makima_keys from 15; the tarballs stay in 16 and 18.
     MK_PG_MAJOR=15 bash scripts/install-extension.sh
-    .venv/bin/python -m pytest -q -p no:cacheprovider tests/upgrade | tee "$WORK/upgrade.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
-    summary+=("between majors: $(grep -E '^[0-9]+ (passed|failed)' "$WORK/upgrade.log" | tail -1)")
-    count_passed "$WORK/upgrade.log"
+    pytest_step "between majors" "$WORK/upgrade.log" tests/upgrade
 fi
 
 echo

@@ -288,8 +288,7 @@ impl Store {
     /// `Spi::connect_mut`, with the statements it runs held to our table
     /// (see `own_table`).
     fn connect<R>(&self, f: impl FnOnce(&mut SpiClient<'_>) -> R) -> R {
-        let _expecting = own_table::expect(self.table());
-        Spi::connect_mut(f)
+        connect_to(self.table(), f)
     }
 
     fn with_kept_plans<R>(
@@ -408,16 +407,16 @@ impl Store {
     }
 
     /// Sets `last_used_at = now()` unless another transaction holds the row.
-    /// Skipped, never waited for, when the table or one of its indexes is
-    /// locked in a mode that conflicts with the write (a CREATE INDEX, a
-    /// REINDEX, an explicit LOCK TABLE): a verification never waits for a lock.
+    /// Skipped, never waited for, when the table, one of its indexes or its
+    /// TOAST table is locked in a mode that conflicts with the write (a plain
+    /// CREATE INDEX, LOCK TABLE ... IN SHARE MODE, a REINDEX of another index).
     pub fn touch_last_used(&self, id: pgrx::Uuid) {
         let table = self.table();
         if table == pg_sys::InvalidOid || !unsafe { lock_for_write_without_waiting(table) } {
             return;
         }
         with_owner_rights(self.owner, || {
-            self.connect(|client| {
+            connect_to(table, |client| {
                 self.with_kept_plans(client, |client, plans| {
                     client
                         .update(&plans.touch, None, &[id.into()])
@@ -630,6 +629,13 @@ impl Store {
     pub fn revoke_by_hash(&self, hash: &str) -> bool {
         self.connect(|client| self.revoke_where(client, "key_hash", hash.into()) > 0)
     }
+}
+
+/// `Spi::connect_mut`, with the statements it runs held to `table`, the
+/// oid of our `api_keys` (see `own_table`).
+fn connect_to<R>(table: pg_sys::Oid, f: impl FnOnce(&mut SpiClient<'_>) -> R) -> R {
+    let _expecting = own_table::expect(table);
+    Spi::connect_mut(f)
 }
 
 /// The row an `INSERT ... RETURNING id, created_at` made.
