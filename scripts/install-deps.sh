@@ -36,6 +36,12 @@ if ! command -v cargo >/dev/null 2>&1; then
     . "$HOME/.cargo/env"
 fi
 
+# The suite checks formatting and lints (scripts/test.sh).
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    log "rustup component add rustfmt clippy"
+    rustup component add rustfmt clippy
+fi
+
 if [ "$(cargo pgrx --version 2>/dev/null)" != "cargo-pgrx $PGRX_VERSION" ]; then
     log "cargo install cargo-pgrx $PGRX_VERSION (a few minutes the first time)"
     cargo install --locked cargo-pgrx --version "$PGRX_VERSION"

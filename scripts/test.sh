@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite on every PostgreSQL major we claim, as CI runs it
 # (.ci/run calls this script). For each of 15, 16 and 18:
-#   1. pure-Rust unit tests and #[pg_test] in-server tests (cargo pgrx test)
+#   1. clippy, then pure-Rust unit tests and #[pg_test] in-server tests (cargo pgrx test)
 #   2. SQL regression files (pg_regress against a throwaway cluster)
 #   3. client tests over real connections (pytest), same cluster
 # then, once:
 #   4. packaging: the Debian package into a PostgreSQL 15 without makima_keys,
 #      and the cargo pgrx package trees of 16 and 18
 #   5. pg_upgrade from 16 to 18 of a cluster holding keys
-# Installs what it needs first. Run as root on Debian 12.
+# cargo fmt --check runs once, first. Installs what it needs first. Run as root on Debian 12.
 #   MK_TEST_VERSIONS="18" bash scripts/test.sh   only some majors
 #   MK_CLIENT_TESTS_ONLY=1 bash scripts/test.sh tests/clients/test_attacks.py
 # Arguments go to pytest; MK_CLIENT_TESTS_ONLY=1 runs step 3 only (scripts/stress.sh
@@ -34,6 +34,12 @@ cleanup() {
 trap cleanup EXIT
 
 cargo build -q --locked --manifest-path tests/clients/rust/Cargo.toml
+if [ -z "${MK_CLIENT_TESTS_ONLY:-}" ]; then
+    echo "== cargo fmt --check (every Rust file of the extension, pg_tests included)"
+    cargo fmt --check
+    echo "== the import graph of src/ (no loop, no upward import)"
+    python3 scripts/check-imports.py
+fi
 [ $# -gt 0 ] || set -- tests/clients
 summary=()
 passed=0
@@ -63,6 +69,8 @@ for major in $VERSIONS; do
     echo "######## PostgreSQL $major: $("$PG_CONFIG" --version), $PG_CONFIG"
 
     if [ -z "${MK_CLIENT_TESTS_ONLY:-}" ]; then
+        echo "== [pg$major] clippy over every target, warnings denied"
+        cargo clippy -q --locked --all-targets --no-default-features --features "pg$major pg_test" -- -D warnings
         echo "== [pg$major] 1/3 unit and in-server tests (cargo pgrx test pg$major)"
         mkdir -p "$WORK/pgrx-data$major"
         chown postgres "$WORK/pgrx-data$major"

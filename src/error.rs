@@ -7,18 +7,18 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 
 #[derive(Debug, thiserror::Error)]
-pub enum KeyError {
+pub(crate) enum KeyError {
     #[error("{argument} must not be null")]
     NullArgument { argument: &'static str },
 
     #[error("user {user_id} already has an active API key")]
-    ActiveKeyExists { user_id: uuid::Uuid },
+    ActiveKeyExists { user_id: pgrx::Uuid },
 
     #[error("key name is {length} characters long; the limit is {limit}")]
     NameTooLong { length: usize, limit: usize },
 
     #[error("no API key with id {id}")]
-    KeyNotFound { id: uuid::Uuid },
+    KeyNotFound { id: pgrx::Uuid },
 
     #[error("the operating system's random number generator failed")]
     RandomnessUnavailable,
@@ -49,7 +49,7 @@ pub enum KeyError {
 }
 
 impl KeyError {
-    pub fn sqlstate(&self) -> PgSqlErrorCode {
+    pub(crate) fn sqlstate(&self) -> PgSqlErrorCode {
         match self {
             KeyError::NullArgument { .. } => PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
             KeyError::ActiveKeyExists { .. } => PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
@@ -86,7 +86,7 @@ impl KeyError {
     }
 
     /// Raises the error as a Postgres ERROR. Does not return.
-    pub fn raise(self, function: &'static str) -> ! {
+    pub(crate) fn raise(self, function: &'static str) -> ! {
         let mut report = ErrorReport::new(self.sqlstate(), self.to_string(), function);
         if let Some(hint) = self.hint() {
             report = report.set_hint(hint);
@@ -96,4 +96,4 @@ impl KeyError {
     }
 }
 
-pub type KeyResult<T> = Result<T, KeyError>;
+pub(crate) type KeyResult<T> = Result<T, KeyError>;

@@ -3,25 +3,25 @@
 
 use sha2::{Digest, Sha256};
 
-pub const HASH_HEX_LEN: usize = 64;
+pub(crate) const HASH_HEX_LEN: usize = 64;
 
-pub fn hash_key(key: &str) -> String {
+pub(crate) fn hash_key(key: &str) -> String {
     KeyHash::of(key).as_str().to_owned()
 }
 
 /// The hex hash on the stack: the verify path needs it only as a borrowed
 /// `&str` and should not allocate for it.
-pub struct KeyHash([u8; HASH_HEX_LEN]);
+pub(crate) struct KeyHash([u8; HASH_HEX_LEN]);
 
 impl KeyHash {
-    pub fn of(key: &str) -> KeyHash {
+    pub(crate) fn of(key: &str) -> KeyHash {
         let mut hex = [0u8; HASH_HEX_LEN];
         hex::encode_to_slice(Sha256::digest(key.as_bytes()), &mut hex)
             .expect("64 hex digits fit 32 bytes");
         KeyHash(hex)
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).expect("hex digits are ASCII")
     }
 }

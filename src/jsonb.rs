@@ -12,11 +12,12 @@ use pgrx::prelude::*;
 /// A detoasted copy of a `jsonb` datum, in the memory context that was
 /// current when it was read.
 #[derive(Clone, Copy, Debug)]
-pub struct StoredJsonb(pg_sys::Datum);
+pub(crate) struct StoredJsonb(pg_sys::Datum);
 
 impl StoredJsonb {
     /// `jsonb_typeof()` of the value: "object", "array", "string", ...
-    pub fn type_name(&self) -> String {
+    pub(crate) fn type_name(&self) -> String {
+        // SAFETY: self.0 is a detoasted jsonb value (see `from_polymorphic_datum`).
         unsafe {
             pgrx::direct_function_call::<String>(pg_sys::jsonb_typeof, &[Some(self.0)])
                 .expect("jsonb_typeof is never null")
@@ -24,7 +25,8 @@ impl StoredJsonb {
     }
 
     /// Size in bytes of the stored (binary) form.
-    pub fn stored_size(&self) -> usize {
+    pub(crate) fn stored_size(&self) -> usize {
+        // SAFETY: self.0 points to a detoasted varlena.
         unsafe { pgrx::varlena::varsize_any(self.0.cast_mut_ptr()) }
     }
 }
@@ -35,13 +37,16 @@ impl FromDatum for StoredJsonb {
         is_null: bool,
         _typoid: pg_sys::Oid,
     ) -> Option<Self> {
-        if is_null {
-            return None;
+        // SAFETY: the caller passes a datum of type jsonb (FromDatum's contract), which PostgreSQL can detoast and copy.
+        unsafe {
+            if is_null {
+                return None;
+            }
+            // A copy: the value may live in a tuple or SPI result that is freed
+            // before we are done with it, or be a TOAST pointer.
+            let copy = pg_sys::pg_detoast_datum_copy(datum.cast_mut_ptr());
+            Some(StoredJsonb(pg_sys::Datum::from(copy)))
         }
-        // A copy: the value may live in a tuple or SPI result that is freed
-        // before we are done with it, or be a TOAST pointer.
-        let copy = pg_sys::pg_detoast_datum_copy(datum.cast_mut_ptr());
-        Some(StoredJsonb(pg_sys::Datum::from(copy)))
     }
 }
 
@@ -55,22 +60,29 @@ impl IntoDatum for StoredJsonb {
     }
 }
 
+// SAFETY: arguments are unboxed with FromDatum above, which copies them.
 unsafe impl<'fcx> ArgAbi<'fcx> for StoredJsonb {
     unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
-        let index = arg.index();
-        arg.unbox_arg_using_from_datum()
-            .unwrap_or_else(|| panic!("argument {index} must not be null"))
+        // SAFETY: pgrx calls this with an argument of our declared type, jsonb.
+        unsafe {
+            let index = arg.index();
+            arg.unbox_arg_using_from_datum()
+                .unwrap_or_else(|| panic!("argument {index} must not be null"))
+        }
     }
 
     unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
-        arg.unbox_arg_using_from_datum().into()
+        // SAFETY: pgrx calls this with an argument of our declared type, jsonb.
+        unsafe { arg.unbox_arg_using_from_datum().into() }
     }
 }
 
 impl_sql_translatable!(StoredJsonb, "jsonb");
 
+// SAFETY: returns the datum unchanged, as a jsonb by reference.
 unsafe impl BoxRet for StoredJsonb {
     unsafe fn box_into<'fcx>(self, fcinfo: &mut FcInfo<'fcx>) -> pgrx::datum::Datum<'fcx> {
-        fcinfo.return_raw_datum(self.0)
+        // SAFETY: the datum is a jsonb value, the function's declared return type.
+        unsafe { fcinfo.return_raw_datum(self.0) }
     }
 }

@@ -7,15 +7,16 @@
 use rand::RngCore;
 
 /// The base-62 alphabet, in the order the checksum encoding uses.
-pub const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-pub const KEY_PREFIX: &str = "mk_";
-pub const BODY_LEN: usize = 43;
-pub const CHECKSUM_LEN: usize = 6;
-pub const KEY_LEN: usize = KEY_PREFIX.len() + BODY_LEN + CHECKSUM_LEN;
+pub(crate) const ALPHABET: &[u8; 62] =
+    b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+pub(crate) const KEY_PREFIX: &str = "mk_";
+pub(crate) const BODY_LEN: usize = 43;
+pub(crate) const CHECKSUM_LEN: usize = 6;
+pub(crate) const KEY_LEN: usize = KEY_PREFIX.len() + BODY_LEN + CHECKSUM_LEN;
 /// What `key_prefix` stores: `mk_` and the first six body characters.
-pub const DISPLAY_PREFIX_LEN: usize = KEY_PREFIX.len() + 6;
+pub(crate) const DISPLAY_PREFIX_LEN: usize = KEY_PREFIX.len() + 6;
 /// Anything longer is rejected before it is hashed, whatever its format.
-pub const MAX_KEY_BYTES: usize = 1024;
+pub(crate) const MAX_KEY_BYTES: usize = 1024;
 
 /// `IN_ALPHABET[b]`: whether byte `b` is one of [`ALPHABET`]. A table, because
 /// `ALPHABET.contains(b)` is a memchr per character on the verify path.
@@ -35,7 +36,7 @@ const REJECTION_LIMIT: u8 = 248;
 
 /// How a candidate key string looks before any table is consulted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyShape {
+pub(crate) enum KeyShape {
     /// Our format with a valid checksum.
     WellFormed,
     /// Not ours, but it may be a key adopted from elsewhere: look up its hash.
@@ -46,7 +47,7 @@ pub enum KeyShape {
 }
 
 /// Draws a new key from `rng`. The only failure is the RNG's own.
-pub fn generate<R: RngCore + ?Sized>(rng: &mut R) -> Result<String, rand::Error> {
+pub(crate) fn generate<R: RngCore + ?Sized>(rng: &mut R) -> Result<String, rand::Error> {
     let mut body = [0u8; BODY_LEN];
     let mut filled = 0;
     let mut pool = [0u8; 64];
@@ -69,7 +70,7 @@ pub fn generate<R: RngCore + ?Sized>(rng: &mut R) -> Result<String, rand::Error>
 }
 
 /// CRC-32 of `body` in base 62, left-padded with `0` to six characters.
-pub fn checksum(body: &[u8]) -> [u8; CHECKSUM_LEN] {
+pub(crate) fn checksum(body: &[u8]) -> [u8; CHECKSUM_LEN] {
     let mut value = crc32fast::hash(body);
     let mut out = [b'0'; CHECKSUM_LEN];
     for slot in out.iter_mut().rev() {
@@ -80,7 +81,7 @@ pub fn checksum(body: &[u8]) -> [u8; CHECKSUM_LEN] {
 }
 
 /// Classifies `candidate` in time bounded by [`MAX_KEY_BYTES`], never by its length.
-pub fn shape(candidate: &str) -> KeyShape {
+pub(crate) fn shape(candidate: &str) -> KeyShape {
     let bytes = candidate.as_bytes();
     if bytes.is_empty() || bytes.len() > MAX_KEY_BYTES {
         return KeyShape::Malformed;
@@ -96,13 +97,13 @@ pub fn shape(candidate: &str) -> KeyShape {
     }
 }
 
-pub fn is_well_formed(candidate: &str) -> bool {
+pub(crate) fn is_well_formed(candidate: &str) -> bool {
     shape(candidate) == KeyShape::WellFormed
 }
 
 /// The part of a key that is stored in `key_prefix` and safe to show.
 /// Keys of other formats keep at most their first nine characters.
-pub fn display_prefix(key: &str) -> &str {
+pub(crate) fn display_prefix(key: &str) -> &str {
     let end = key
         .char_indices()
         .nth(DISPLAY_PREFIX_LEN)

@@ -1,21 +1,32 @@
 //! makima_keys: issue, hash, verify and revoke API keys inside PostgreSQL.
 //!
-//! `key_format` and `hashing` are plain Rust; `api` is the SQL surface and
-//! `store` the only code that touches `api_keys`.
+//! Layers, each using only the ones below it:
+//! - `api`: the SQL functions, a thin layer of argument checks over
+//! - `store`: the only code that touches `api_keys` (statements, the index
+//!   probe, the snapshot it reads with, the guard on our own statements);
+//! - plain Rust with no database: `key_format`, `hashing`, `policy`,
+//!   `error`; and small Postgres helpers: `clock`, `settings`, `jsonb`,
+//!   `one_row`.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 use pgrx::prelude::*;
 
-pub mod api;
-pub mod error;
-pub mod hashing;
-pub mod index_probe;
-pub mod jsonb;
-pub mod key_format;
-pub mod one_row;
-mod own_table;
-pub mod policy;
-pub mod settings;
-pub mod store;
+mod api;
+mod clock;
+mod error;
+mod hashing;
+mod jsonb;
+mod key_format;
+mod one_row;
+mod policy;
+mod settings;
+mod store;
+
+#[cfg(test)]
+mod frozen_scripts;
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_tests;
 
 #[cfg(any(feature = "pg13", feature = "pg14"))]
 compile_error!(
@@ -24,35 +35,36 @@ compile_error!(
 
 ::pgrx::pg_module_magic!(name, version);
 
+// The SQL that pgrx cannot generate, in the order the install script runs it.
 // The table, its indexes and the adoption of a pre-existing makima table.
-extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+extension_sql_file!("../sql/src/bootstrap.sql", name = "bootstrap", bootstrap);
 // The 0.2.0 columns and the mk_keys view; the upgrade script runs the same block.
 extension_sql_file!(
-    "../sql/schema_0_2_0.sql",
+    "../sql/src/schema_0_2_0.sql",
     name = "schema_0_2_0",
     requires = ["bootstrap"]
 );
 // 0.2.1: the call that restores the users foreign key after a logical
 // restore; the upgrade script creates the same function.
 extension_sql_file!(
-    "../sql/user_foreign_key.sql",
+    "../sql/src/user_foreign_key.sql",
     name = "user_foreign_key",
     requires = ["bootstrap"]
 );
+// The functions that return their one row in materialize mode (see
+// `one_row`), whose definitions pgrx cannot generate.
+extension_sql_file!(
+    "../sql/src/functions.sql",
+    name = "functions",
+    requires = ["bootstrap"]
+);
 // Privileges, once every function exists.
-extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+extension_sql_file!("../sql/src/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     settings::register();
-    own_table::install();
-}
-
-// pgrx needs the test module inline; its body lives in pg_tests.rs.
-#[cfg(any(test, feature = "pg_test"))]
-#[pg_schema]
-mod tests {
-    include!("pg_tests.rs");
+    store::install_statement_guard();
 }
 
 /// Required by `cargo pgrx test`.

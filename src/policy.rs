@@ -1,17 +1,17 @@
-//! The rules of 0.2.0 that need no database: which scopes a key may hold,
-//! and what a stored key row means at a given instant. Plain Rust, tested
-//! with `cargo test`.
+//! The rules that need no database: which scopes a key may hold, what a
+//! stored key row means at a given instant, what a rotation passes on, and
+//! when `last_used_at` is due. Plain Rust, tested with `cargo test`.
 
 /// At most this many scopes on one key.
-pub const MAX_SCOPES: usize = 64;
+pub(crate) const MAX_SCOPES: usize = 64;
 /// At most this many characters in one scope.
-pub const MAX_SCOPE_CHARS: usize = 64;
+pub(crate) const MAX_SCOPE_CHARS: usize = 64;
 /// Metadata is kept small: it lives in the row that every verification reads.
-pub const MAX_METADATA_BYTES: usize = 8192;
+pub(crate) const MAX_METADATA_BYTES: usize = 8192;
 
 /// Why a scopes argument was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ScopeProblem {
+pub(crate) enum ScopeProblem {
     NullElement,
     TooMany { count: usize },
     Invalid { position: usize },
@@ -26,7 +26,7 @@ fn is_valid_scope(scope: &str) -> bool {
 
 /// The scopes to store: duplicates dropped, first occurrences kept in order.
 /// `position` in errors is 1-based, as SQL arrays count.
-pub fn normalize_scopes<'a>(
+pub(crate) fn normalize_scopes<'a>(
     scopes: impl IntoIterator<Item = Option<&'a str>>,
 ) -> Result<Vec<String>, ScopeProblem> {
     let mut kept: Vec<String> = Vec::new();
@@ -49,7 +49,7 @@ pub fn normalize_scopes<'a>(
 
 /// What a caller demands of a key's scopes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Requirement<'a> {
+pub(crate) enum Requirement<'a> {
     /// The one-argument forms: scopes are not looked at.
     None,
     /// Every one of these scopes. `None` elements (SQL NULLs) can never be held.
@@ -59,7 +59,7 @@ pub enum Requirement<'a> {
 }
 
 /// Whether a key holding `held` (NULL = unrestricted) satisfies `required`.
-pub fn satisfies(held: Option<&[String]>, required: Requirement<'_>) -> bool {
+pub(crate) fn satisfies(held: Option<&[String]>, required: Requirement<'_>) -> bool {
     match required {
         Requirement::None => true,
         Requirement::Unknown => false,
@@ -73,7 +73,7 @@ pub fn satisfies(held: Option<&[String]>, required: Requirement<'_>) -> bool {
 
 /// The verdict on a stored key, in the order `mk_verify_detail` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyStatus {
+pub(crate) enum KeyStatus {
     Revoked,
     Expired,
     InsufficientScope,
@@ -81,7 +81,7 @@ pub enum KeyStatus {
 }
 
 impl KeyStatus {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             KeyStatus::Revoked => "revoked",
             KeyStatus::Expired => "expired",
@@ -92,11 +92,17 @@ impl KeyStatus {
 }
 
 /// Timestamps are PostgreSQL's: microseconds since 2000-01-01 UTC.
-pub type Micros = i64;
+pub(crate) type Micros = i64;
+
+/// "Live", as the store's statements select keys: not revoked, or revoked
+/// with a date still ahead (a grace period). The SQL form of
+/// [`status`] being anything but [`KeyStatus::Revoked`].
+pub(crate) const LIVE_SQL: &str =
+    "(revoked_at IS NULL OR revoked_at > pg_catalog.clock_timestamp())";
 
 /// The status of a key row at instant `now`. A `revoked_at` in the future
 /// is the end of a rotation's grace period: the key still works until then.
-pub fn status(
+pub(crate) fn status(
     revoked_at: Option<Micros>,
     expires_at: Option<Micros>,
     now: Micros,
@@ -111,6 +117,42 @@ pub fn status(
     } else {
         KeyStatus::Valid
     }
+}
+
+/// Whether a verification at `now` (the transaction start) should write
+/// `last_used_at`: never written yet, or written `interval_secs` or more
+/// before. Throttled so that a hot key is not written on every call.
+pub(crate) fn last_used_due(last_used_at: Option<Micros>, now: Micros, interval_secs: i32) -> bool {
+    last_used_at.is_none_or(|last_used| {
+        last_used <= now.saturating_sub(i64::from(interval_secs) * 1_000_000)
+    })
+}
+
+/// What a rotation gives the new key for an option the caller did not
+/// pass: the active key's. A rotation never widens what a key may do, so
+/// scopes and metadata left out are inherited, never dropped.
+pub(crate) fn inherited<T>(given: Option<T>, from_active: Option<T>) -> Option<T> {
+    given.or(from_active)
+}
+
+/// The active key's lifetime, as a rotation passes it on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Lifetime {
+    pub created_at: Micros,
+    pub expires_at: Micros,
+}
+
+/// The new key's expiry after a rotation at `now`: the one given, or else
+/// as long from now as the active key was given when it was issued (a key
+/// issued for 30 days is rotated into another 30-day key). Saturates
+/// instead of overflowing; the caller stores anything past the last
+/// timestamp as `infinity`.
+pub(crate) fn rotated_expiry(
+    given: Option<Micros>,
+    active: Option<Lifetime>,
+    now: Micros,
+) -> Option<Micros> {
+    given.or_else(|| active.map(|l| now.saturating_add(l.expires_at.saturating_sub(l.created_at))))
 }
 
 #[cfg(test)]
@@ -195,5 +237,52 @@ mod tests {
         assert_eq!(status(Some(1), Some(1), now, false), KeyStatus::Revoked);
         assert_eq!(status(None, Some(1), now, false), KeyStatus::Expired);
         assert_eq!(status(None, None, now, false), KeyStatus::InsufficientScope);
+    }
+
+    #[test]
+    fn last_used_is_due_when_never_written_or_older_than_the_interval() {
+        let second = 1_000_000;
+        let now = 100 * second;
+        assert!(last_used_due(None, now, 60));
+        assert!(last_used_due(Some(now - 60 * second), now, 60));
+        assert!(!last_used_due(Some(now - 60 * second + 1), now, 60));
+        assert!(!last_used_due(Some(now), now, 60));
+        // Interval 0: due whenever the stored time is not ahead of now.
+        assert!(last_used_due(Some(now), now, 0));
+        assert!(!last_used_due(Some(now + 1), now, 0));
+        // Far in the past, no overflow.
+        assert!(last_used_due(Some(i64::MIN), i64::MIN + 5, i32::MAX));
+    }
+
+    #[test]
+    fn a_rotation_inherits_what_is_not_given() {
+        assert_eq!(inherited(Some(1), Some(2)), Some(1));
+        assert_eq!(inherited(None, Some(2)), Some(2));
+        assert_eq!(inherited::<i32>(None, None), None);
+        // Given '{}' (no scopes) is kept, not replaced by the active key's.
+        let none: Vec<String> = vec![];
+        assert_eq!(
+            inherited(Some(none.clone()), Some(strings(&["read"]))),
+            Some(none)
+        );
+    }
+
+    #[test]
+    fn a_rotated_key_lives_as_long_as_the_active_one_was_given() {
+        let day = 86_400 * 1_000_000;
+        let active = Lifetime {
+            created_at: 10 * day,
+            expires_at: 40 * day,
+        };
+        assert_eq!(rotated_expiry(None, Some(active), 50 * day), Some(80 * day));
+        // An expiry given wins; no active expiry, none inherited.
+        assert_eq!(rotated_expiry(Some(day), Some(active), 50 * day), Some(day));
+        assert_eq!(rotated_expiry(None, None, 50 * day), None);
+        // An infinite expiry stays at the top instead of wrapping around.
+        let forever = Lifetime {
+            created_at: -day,
+            expires_at: i64::MAX,
+        };
+        assert_eq!(rotated_expiry(None, Some(forever), day), Some(i64::MAX));
     }
 }

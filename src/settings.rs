@@ -5,7 +5,7 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 static LAST_USED_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
 
-pub fn register() {
+pub(crate) fn register() {
     GucRegistry::define_int_guc(
         c"makima_keys.last_used_interval",
         c"Seconds between writes of api_keys.last_used_at for one key.",
@@ -19,9 +19,10 @@ pub fn register() {
     );
     // Every name under makima_keys. is ours: `SET makima_keys.typo = 1` is
     // then an error instead of a silently ignored placeholder.
+    // SAFETY: a static C string; called from _PG_init.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"makima_keys".as_ptr()) };
 }
 
-pub fn last_used_interval_secs() -> i32 {
+pub(crate) fn last_used_interval_secs() -> i32 {
     LAST_USED_INTERVAL.get()
 }

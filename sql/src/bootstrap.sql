@@ -1,3 +1,6 @@
+-- Run by CREATE EXTENSION only, which removes \echo lines; psql stops here.
+\echo Use "CREATE EXTENSION makima_keys" to load this file. \quit
+
 -- makima_keys install, part 1: the api_keys table.
 --
 -- The table is the makima migration's (shared/seed) column for column and

@@ -1,4 +1,13 @@
-//! The only module that touches `api_keys`.
+//! The only code that touches `api_keys`.
+//!
+//! - `Store` (here): the statements of issuing, revoking and the
+//!   `last_used_at` write, with their kept plans and revocation events;
+//! - [`probe`]: the verification's lookup, one probe of the `key_hash`
+//!   index, with the SQL fallback here for a database whose index is
+//!   missing or altered; both read with [`snapshot::ReadSnapshot`];
+//! - [`row`]: the rows as Rust values; [`owner`]: whose rights our
+//!   statements run with; [`own_table`]: the guard that holds them to our
+//!   own table; [`write_lock`]: when `last_used_at` may be written.
 //!
 //! Every statement names the table with its schema: our functions run with
 //! `search_path = pg_catalog, pg_temp`, so an unqualified name could resolve
@@ -9,6 +18,14 @@
 //! EXTENSION UPDATE). Statements that need the 0.2.0 columns are prepared
 //! when used, by 0.2.0 functions only.
 
+mod own_table;
+mod owner;
+mod probe;
+mod row;
+mod snapshot;
+mod unguarded;
+mod write_lock;
+
 use std::cell::{Cell, RefCell};
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
@@ -16,67 +33,26 @@ use std::rc::Rc;
 use pgrx::datum::DatumWithOid;
 use pgrx::oids_of;
 use pgrx::prelude::*;
-use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiHeapTupleData};
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use pgrx::PgSqlErrorCode;
 
 use crate::error::{KeyError, KeyResult};
-use crate::index_probe::{self, ReadSnapshot};
-use crate::jsonb::StoredJsonb;
-use crate::own_table::{self, STATEMENT_MARK};
-use crate::policy::Micros;
+use crate::policy::{Lifetime, LIVE_SQL};
+use own_table::STATEMENT_MARK;
+use owner::{called_function, with_owner_rights};
+use row::{found_from_row, issued_row};
+pub(crate) use row::{ActiveKey, FoundKey, IssuedRow, NewKey, Reading};
+use snapshot::ReadSnapshot;
+use write_lock::lock_for_write_without_waiting;
+pub(crate) use write_lock::may_write_last_used;
+
+/// Installs the analysis hook of [`own_table`]; once per backend, from `_PG_init`.
+pub(crate) fn install_statement_guard() {
+    own_table::install();
+}
 
 /// Channel of the revocation events; the payload is the key id.
-pub const REVOKED_CHANNEL: &str = "makima_keys_revoked";
-
-/// What a lookup should read beyond the columns every verification needs.
-#[derive(Debug, Clone, Copy)]
-pub struct Reading {
-    /// `key_prefix`, `name` and `metadata`, which only mk_verify_detail shows.
-    pub labels: bool,
-    /// `scopes`, for the forms that take required scopes.
-    pub scopes: bool,
-}
-
-/// A row found by hash. Timestamps are PostgreSQL's microseconds.
-pub struct FoundKey {
-    pub id: pgrx::Uuid,
-    pub user_id: pgrx::Uuid,
-    pub key_prefix: Option<String>,
-    pub name: Option<String>,
-    pub last_used_at: Option<Micros>,
-    pub revoked_at: Option<Micros>,
-    pub expires_at: Option<Micros>,
-    /// Read only when asked for; `None` also means "unrestricted".
-    pub scopes: Option<Vec<String>>,
-    pub metadata: Option<StoredJsonb>,
-}
-
-pub struct IssuedRow {
-    pub id: pgrx::Uuid,
-    pub created_at: TimestampWithTimeZone,
-}
-
-/// What a new key carries besides its hash and prefix (0.2.0 options).
-pub struct NewKey<'a> {
-    pub name: Option<&'a str>,
-    pub expires_at: Option<TimestampWithTimeZone>,
-    pub scopes: Option<Vec<String>>,
-    pub metadata: Option<StoredJsonb>,
-}
-
-impl NewKey<'_> {
-    fn has_options(&self) -> bool {
-        self.expires_at.is_some() || self.scopes.is_some() || self.metadata.is_some()
-    }
-}
-
-/// The user's active key, as a rotation inherits from it.
-pub struct ActiveKey {
-    pub scopes: Option<Vec<String>>,
-    pub metadata: Option<StoredJsonb>,
-    /// `expires_at - created_at`, when it expires.
-    pub lifetime: Option<Micros>,
-}
+const REVOKED_CHANNEL: &str = "makima_keys_revoked";
 
 /// Plans kept for the life of the backend, or until a schema changes: the
 /// last_used_at write and issuing.
@@ -106,12 +82,9 @@ unsafe extern "C-unwind" fn forget_kept_plans(
     SCHEMAS_CHANGED.set(true);
 }
 
-/// A live key: not revoked, or revoked with a date still ahead (grace period).
-const LIVE: &str = "(revoked_at IS NULL OR revoked_at > pg_catalog.clock_timestamp())";
-
 /// `api_keys` in the schema of the calling function, which is the
 /// extension's schema because the extension is not relocatable.
-pub struct Store {
+pub(crate) struct Store {
     namespace: pg_sys::Oid,
     owner: pg_sys::Oid,
     /// Whether revocations send `makima_keys_revoked` events (not for the
@@ -119,117 +92,12 @@ pub struct Store {
     events: bool,
 }
 
-/// What a call needs to know about the function it runs in.
-#[derive(Clone, Copy)]
-struct CalledFunction {
-    oid: pg_sys::Oid,
-    namespace: pg_sys::Oid,
-    owner: pg_sys::Oid,
-}
-
-/// Functions remembered per backend: enough for a session that alternates
-/// between the verification functions.
-const REMEMBERED_FUNCTIONS: usize = 4;
-
-thread_local! {
-    /// The last functions asked about: every call of mk_verify asks, and a
-    /// pg_proc lookup costs a tenth of the index probe.
-    static CALLED_FUNCTIONS: Cell<[Option<CalledFunction>; REMEMBERED_FUNCTIONS]> =
-        const { Cell::new([None; REMEMBERED_FUNCTIONS]) };
-    static NEXT_SLOT: Cell<usize> = const { Cell::new(0) };
-    static PROC_CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Any change to pg_proc (ALTER FUNCTION ... OWNER TO, SET SCHEMA, ...) forgets it.
-#[pg_guard]
-unsafe extern "C-unwind" fn forget_called_function(
-    _arg: pg_sys::Datum,
-    _cache: std::ffi::c_int,
-    _hash: u32,
-) {
-    CALLED_FUNCTIONS.with(|cached| cached.set([None; REMEMBERED_FUNCTIONS]));
-}
-
-unsafe fn called_function(fn_oid: pg_sys::Oid) -> CalledFunction {
-    if !PROC_CALLBACK_REGISTERED.get() {
-        pg_sys::CacheRegisterSyscacheCallback(
-            pg_sys::SysCacheIdentifier::PROCOID as std::ffi::c_int,
-            Some(forget_called_function),
-            pg_sys::Datum::from(0),
-        );
-        PROC_CALLBACK_REGISTERED.set(true);
-    }
-    if let Some(cached) = CALLED_FUNCTIONS
-        .get()
-        .into_iter()
-        .flatten()
-        .find(|f| f.oid == fn_oid)
-    {
-        return cached;
-    }
-    let tuple = pg_sys::SearchSysCache1(
-        pg_sys::SysCacheIdentifier::PROCOID as std::ffi::c_int,
-        pg_sys::Datum::from(fn_oid),
-    );
-    assert!(!tuple.is_null(), "the called function exists");
-    let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_proc>(tuple);
-    let found = CalledFunction {
-        oid: fn_oid,
-        namespace: (*form).pronamespace,
-        owner: (*form).proowner,
-    };
-    pg_sys::ReleaseSysCache(tuple);
-    let slot = NEXT_SLOT.get();
-    let mut remembered = CALLED_FUNCTIONS.get();
-    remembered[slot] = Some(found);
-    CALLED_FUNCTIONS.set(remembered);
-    NEXT_SLOT.set((slot + 1) % REMEMBERED_FUNCTIONS);
-    found
-}
-
-/// Runs `f` (which executes SQL) as the function's owner with
-/// `search_path = pg_catalog, pg_temp`: what SECURITY DEFINER and a pinned
-/// search_path do for a whole call, for just the statements that need it.
-///
-/// The verification functions are SECURITY INVOKER so that their usual
-/// path, an index probe that resolves no names and needs no privilege
-/// check, does not pay for a search_path change on every call (about a
-/// tenth of a verification). Only the last_used_at write and the SQL
-/// fallback run statements, and they run them here. If `f` raises, the
-/// (sub)transaction abort restores the user id and the setting, as it does
-/// for SECURITY DEFINER.
-fn with_owner_rights<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
-    unsafe {
-        let mut saved_user = pg_sys::InvalidOid;
-        let mut saved_context: std::ffi::c_int = 0;
-        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
-        pg_sys::SetUserIdAndSecContext(
-            owner,
-            saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as std::ffi::c_int,
-        );
-        let nest_level = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
-        let result = f();
-        pg_sys::AtEOXact_GUC(true, nest_level);
-        pg_sys::SetUserIdAndSecContext(saved_user, saved_context);
-        result
-    }
-}
-
 impl Store {
     /// # Safety
     /// `fcinfo` must be the call's own, valid `FunctionCallInfo`.
-    pub unsafe fn for_call(fcinfo: pg_sys::FunctionCallInfo) -> Store {
-        let function = called_function((*(*fcinfo).flinfo).fn_oid);
+    pub(crate) unsafe fn for_call(fcinfo: pg_sys::FunctionCallInfo) -> Store {
+        // SAFETY: the caller's contract.
+        let function = called_function(unsafe { (*(*fcinfo).flinfo).fn_oid });
         Store {
             namespace: function.namespace,
             owner: function.owner,
@@ -238,7 +106,7 @@ impl Store {
     }
 
     /// The same store, sending no revocation events.
-    pub fn without_events(self) -> Store {
+    pub(crate) fn without_events(self) -> Store {
         Store {
             events: false,
             ..self
@@ -263,10 +131,12 @@ impl Store {
     }
 
     /// `template` with `{api_keys}` replaced by the quoted, schema-qualified
-    /// table name and `{live}` by the live-key condition. Not on the verify
+    /// table name and `{live}` by the live-key condition (`{k.live}`: of
+    /// the rows aliased `k`). Not on the verify
     /// path, which probes the index directly and only prepares the kept
     /// plans on its first write or fallback.
     fn sql(&self, template: &str) -> String {
+        // SAFETY: our function's schema exists while the function runs.
         let schema =
             unsafe { std::ffi::CStr::from_ptr(pg_sys::get_namespace_name(self.namespace)) };
         let table = format!(
@@ -275,13 +145,15 @@ impl Store {
         );
         let statement = template
             .replace("{api_keys}", &table)
-            .replace("{live}", LIVE);
+            .replace("{live}", LIVE_SQL)
+            .replace("{k.live}", &LIVE_SQL.replace("revoked_at", "k.revoked_at"));
         format!("{STATEMENT_MARK}{statement}")
     }
 
     /// The oid of `api_keys` in our schema, found by the schema's oid (never
     /// by its name); `InvalidOid` if there is none.
     fn table(&self) -> pg_sys::Oid {
+        // SAFETY: a catalog lookup by name and schema oid.
         unsafe { pg_sys::get_relname_relid(c"api_keys".as_ptr(), self.namespace) }
     }
 
@@ -297,6 +169,7 @@ impl Store {
         f: impl FnOnce(&mut SpiClient<'_>, &KeptPlans) -> R,
     ) -> R {
         if !NAMESPACE_CALLBACK_REGISTERED.get() {
+            // SAFETY: registers a plain function for the life of the backend.
             unsafe {
                 pg_sys::CacheRegisterSyscacheCallback(
                     pg_sys::SysCacheIdentifier::NAMESPACEOID as std::ffi::c_int,
@@ -358,8 +231,8 @@ impl Store {
     }
 
     /// Finds the row whose `key_hash` is `hash`, live or not.
-    pub fn find_by_hash(&self, hash: &str, reading: Reading) -> Option<FoundKey> {
-        if let Some(found) = index_probe::find_by_hash(self.namespace, hash, reading) {
+    pub(crate) fn find_by_hash(&self, hash: &str, reading: Reading) -> Option<FoundKey> {
+        if let Some(found) = probe::find_by_hash(self.namespace, hash, reading) {
             return found;
         }
         // The index is missing or not the one the install made: same answer
@@ -375,6 +248,8 @@ impl Store {
         // k.*: the 0.2.0 columns when they exist, read by name.
         let sql = self.sql("SELECT k.* FROM {api_keys} k WHERE k.key_hash = $1 LIMIT 1");
         let sql = std::ffi::CString::new(sql).expect("no NUL in our SQL");
+        // SAFETY: SPI is connected; the snapshot is taken and released in
+        // this call, and the row is read while it is active.
         self.connect(|_client| unsafe {
             let mut arg_types = [pg_sys::TEXTOID];
             let plan = pg_sys::SPI_prepare(sql.as_ptr(), 1, arg_types.as_mut_ptr());
@@ -410,8 +285,9 @@ impl Store {
     /// Skipped, never waited for, when the table, one of its indexes or its
     /// TOAST table is locked in a mode that conflicts with the write (a plain
     /// CREATE INDEX, LOCK TABLE ... IN SHARE MODE, a REINDEX of another index).
-    pub fn touch_last_used(&self, id: pgrx::Uuid) {
+    pub(crate) fn touch_last_used(&self, id: pgrx::Uuid) {
         let table = self.table();
+        // SAFETY: inside the verification's transaction, on our table's oid.
         if table == pg_sys::InvalidOid || !unsafe { lock_for_write_without_waiting(table) } {
             return;
         }
@@ -431,13 +307,13 @@ impl Store {
     ///
     /// The seed's partial unique index decides, also between concurrent
     /// callers (the later one waits for the earlier one's transaction). A
-    /// plain INSERT costs a tenth less than INSERT ... ON CONFLICT DO NOTHING,
+    /// plain INSERT costs less than INSERT ... ON CONFLICT DO NOTHING,
     /// which probes the index once more and takes a speculative-insertion
     /// lock. Its unique violation is turned into our error at once, inside
     /// the handler, so nothing runs on the failed statement's state. Every
     /// unique violation of this INSERT is that one: the other unique indexes
     /// are on a random uuid and on the SHA-256 of 256 random bits.
-    pub fn insert_active(
+    pub(crate) fn insert_active(
         &self,
         user_id: pgrx::Uuid,
         key_hash: &str,
@@ -448,10 +324,7 @@ impl Store {
         let insert = AssertUnwindSafe(|| self.insert_row(user_id, key_hash, key_prefix, new));
         PgTryBuilder::new(insert)
             .catch_when(PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION, |_| {
-                KeyError::ActiveKeyExists {
-                    user_id: crate::api::to_uuid(user_id),
-                }
-                .raise(function)
+                KeyError::ActiveKeyExists { user_id }.raise(function)
             })
             .execute()
     }
@@ -511,7 +384,7 @@ impl Store {
     /// One statement, so that two rotations racing behave as in 0.1.0: the
     /// second waits for the first's row lock, then finds nothing live in its
     /// snapshot, and its insert meets the first's new key (23505).
-    pub fn end_user_keys_inheriting(
+    pub(crate) fn end_user_keys_inheriting(
         &self,
         user_id: pgrx::Uuid,
         grace: Option<Interval>,
@@ -527,7 +400,7 @@ impl Store {
                                                    pg_catalog.now() + $2)
                            FROM {api_keys} old
                           WHERE old.id = k.id AND k.user_id = $1
-                            AND (k.revoked_at IS NULL OR k.revoked_at > pg_catalog.clock_timestamp())
+                            AND {k.live}
                           RETURNING k.id, old.revoked_at IS NULL, k.scopes, k.metadata,
                                     k.expires_at, k.created_at",
                     ),
@@ -546,8 +419,9 @@ impl Store {
                     active = Some(ActiveKey {
                         scopes: scopes.map(|s| s.into_iter().flatten().collect()),
                         metadata: row.get(4).expect("metadata"),
-                        lifetime: expires_at.zip(created_at).map(|(e, c)| {
-                            pg_sys::TimestampTz::from(e) - pg_sys::TimestampTz::from(c)
+                        lifetime: expires_at.zip(created_at).map(|(e, c)| Lifetime {
+                            created_at: c.into(),
+                            expires_at: e.into(),
                         }),
                     });
                 }
@@ -560,7 +434,7 @@ impl Store {
     /// Ends every live key of `user_id`: at `now() + grace` for the active
     /// key, and no later than that for keys already in a grace period.
     /// Sends a revocation event for each; returns how many it ended.
-    pub fn end_user_keys(&self, user_id: pgrx::Uuid, grace: Option<Interval>) -> i32 {
+    pub(crate) fn end_user_keys(&self, user_id: pgrx::Uuid, grace: Option<Interval>) -> i32 {
         let grace = grace.unwrap_or_else(|| Interval::from_micros(0));
         self.connect(|client| {
             let table = client
@@ -603,7 +477,7 @@ impl Store {
     }
 
     /// `Ok(true)` if this call ended a live key, `Ok(false)` if it had ended.
-    pub fn revoke(&self, id: pgrx::Uuid) -> KeyResult<bool> {
+    pub(crate) fn revoke(&self, id: pgrx::Uuid) -> KeyResult<bool> {
         self.connect(|client| {
             if self.revoke_where(client, "id", id.into()) > 0 {
                 return Ok(true);
@@ -616,9 +490,7 @@ impl Store {
                 )
                 .expect("find key");
             if exists.is_empty() {
-                Err(KeyError::KeyNotFound {
-                    id: crate::api::to_uuid(id),
-                })
+                Err(KeyError::KeyNotFound { id })
             } else {
                 Ok(false)
             }
@@ -626,7 +498,7 @@ impl Store {
     }
 
     /// Ends the live key stored under `hash`; true if there was one.
-    pub fn revoke_by_hash(&self, hash: &str) -> bool {
+    pub(crate) fn revoke_by_hash(&self, hash: &str) -> bool {
         self.connect(|client| self.revoke_where(client, "key_hash", hash.into()) > 0)
     }
 }
@@ -638,109 +510,15 @@ fn connect_to<R>(table: pg_sys::Oid, f: impl FnOnce(&mut SpiClient<'_>) -> R) ->
     Spi::connect_mut(f)
 }
 
-/// The row an `INSERT ... RETURNING id, created_at` made.
-fn issued_row(table: pgrx::spi::SpiTupleTable<'_>) -> IssuedRow {
-    let row = table.first();
-    IssuedRow {
-        id: row.get(1).expect("id").expect("id is not null"),
-        created_at: row
-            .get(2)
-            .expect("created_at")
-            .expect("created_at is not null"),
-    }
-}
-
-/// A lookup row read by column name; 0.2.0 columns may be absent.
-fn found_from_row(row: &SpiHeapTupleData<'_>, reading: Reading) -> FoundKey {
-    // A missing column is one this database does not have yet (0.1.0); any
-    // other problem, such as a column whose type was changed, must not read
-    // as "no expiry" or "unrestricted": it fails the call.
-    fn optional<T: IntoDatum + FromDatum>(row: &SpiHeapTupleData<'_>, column: &str) -> Option<T> {
-        match row.get_by_name::<T, _>(column) {
-            Ok(value) => value,
-            Err(pgrx::spi::SpiError::SpiError(pgrx::spi::SpiErrorCodes::NoAttribute)) => None,
-            Err(e) => panic!("api_keys.{column} is not what makima_keys expects: {e}"),
-        }
-    }
-    let micros = |column: &str| {
-        optional::<TimestampWithTimeZone>(row, column).map(pg_sys::TimestampTz::from)
-    };
-    FoundKey {
-        id: optional(row, "id").expect("id is not null"),
-        user_id: optional(row, "user_id").expect("user_id is not null"),
-        key_prefix: optional(row, "key_prefix").filter(|_| reading.labels),
-        name: optional(row, "name").filter(|_| reading.labels),
-        last_used_at: micros("last_used_at"),
-        revoked_at: micros("revoked_at"),
-        expires_at: micros("expires_at"),
-        scopes: optional::<Vec<Option<String>>>(row, "scopes")
-            .filter(|_| reading.scopes)
-            .map(|s| s.into_iter().flatten().collect()),
-        metadata: optional(row, "metadata").filter(|_| reading.labels),
-    }
-}
-
 /// `pg_notify('makima_keys_revoked', id)`: PostgreSQL delivers it when (and
 /// only if) the transaction commits.
 fn announce(id: pgrx::Uuid) {
-    let payload = crate::api::to_uuid(id).to_string();
+    let payload = id.to_string();
+    // SAFETY: pg_notify with two text arguments, as SQL calls it.
     unsafe {
         pgrx::direct_function_call_as_datum(
             pg_sys::pg_notify,
             &[REVOKED_CHANNEL.into_datum(), payload.as_str().into_datum()],
         );
-    }
-}
-
-/// Whether this call may write `last_used_at`: never when the write could
-/// raise or hold a row lock past the caller's statement.
-///
-/// - Not inside a transaction block (`BEGIN ... COMMIT`, or several
-///   statements sent as one query string): the row lock of the write would
-///   last until that transaction ends, and a revoke of the key would wait
-///   for it while the key keeps verifying. Alone in its transaction, the
-///   verification's statement is the whole transaction.
-/// - Not in parallel mode, where PostgreSQL cannot assign a transaction id.
-/// - Not read-only, not on a standby, and not under a transaction snapshot
-///   (REPEATABLE READ or SERIALIZABLE), where touching a row another
-///   session just touched would raise a serialization failure.
-pub fn may_write_last_used() -> bool {
-    unsafe {
-        !pg_sys::IsTransactionBlock()
-            && !pg_sys::IsInParallelMode()
-            && !pg_sys::XactReadOnly
-            && !pg_sys::RecoveryInProgress()
-            && pg_sys::XactIsoLevel < pg_sys::XACT_REPEATABLE_READ as i32
-    }
-}
-
-/// Takes `RowExclusiveLock` on `table`, its indexes, its TOAST table and
-/// that table's index only if each is free at once; false (the write is
-/// skipped) if any is not. The UPDATE then finds every lock it needs
-/// already held, and waits for none. Locks taken stay until the transaction
-/// ends, as the UPDATE's would.
-unsafe fn lock_for_write_without_waiting(table: pg_sys::Oid) -> bool {
-    unsafe { lock_with_indexes_without_waiting(table, true) }
-}
-
-unsafe fn lock_with_indexes_without_waiting(relation: pg_sys::Oid, with_toast: bool) -> bool {
-    let mode = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
-    unsafe {
-        if !pg_sys::ConditionalLockRelationOid(relation, mode) {
-            return false;
-        }
-        let rel = pg_sys::try_relation_open(relation, pg_sys::NoLock as pg_sys::LOCKMODE);
-        if rel.is_null() {
-            return false;
-        }
-        let indexes = pgrx::PgList::<pg_sys::Oid>::from_pg(pg_sys::RelationGetIndexList(rel));
-        let toast = (*(*rel).rd_rel).reltoastrelid;
-        pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-        indexes
-            .iter_oid()
-            .all(|index| pg_sys::ConditionalLockRelationOid(index, mode))
-            && (!with_toast
-                || toast == pg_sys::InvalidOid
-                || lock_with_indexes_without_waiting(toast, false))
     }
 }

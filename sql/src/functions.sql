@@ -1,0 +1,77 @@
+-- makima_keys install: the functions that return their one row in
+-- materialize mode (src/one_row.rs). pgrx declares a set-returning Rust
+-- function as value-per-call, so their definitions are written here; the
+-- Rust functions behind them are #[pg_extern(sql = false)] in src/api/.
+-- These are the definitions pgrx generated for 0.2.0, without its comments.
+
+CREATE FUNCTION "mk_issue_key"(
+	"user_id" uuid,
+	"name" TEXT DEFAULT NULL,
+	"expires_in" interval DEFAULT NULL,
+	"scopes" TEXT[] DEFAULT NULL,
+	"metadata" jsonb DEFAULT NULL
+) RETURNS TABLE (
+	"id" uuid,
+	"key" TEXT,
+	"key_prefix" TEXT,
+	"created_at" timestamp with time zone
+)
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'mk_issue_key_v2_wrapper';
+
+CREATE FUNCTION "mk_rotate_key"(
+	"user_id" uuid,
+	"name" TEXT DEFAULT NULL,
+	"expires_in" interval DEFAULT NULL,
+	"scopes" TEXT[] DEFAULT NULL,
+	"metadata" jsonb DEFAULT NULL,
+	"grace" interval DEFAULT NULL
+) RETURNS TABLE (
+	"id" uuid,
+	"key" TEXT,
+	"key_prefix" TEXT,
+	"created_at" timestamp with time zone
+)
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'mk_rotate_key_v2_wrapper';
+
+CREATE FUNCTION "mk_verify_detail"(
+	"key" TEXT
+) RETURNS TABLE (
+	"status" TEXT,
+	"key_id" uuid,
+	"user_id" uuid,
+	"key_prefix" TEXT,
+	"name" TEXT,
+	"expires_at" timestamp with time zone,
+	"revoked_at" timestamp with time zone,
+	"scopes" TEXT[],
+	"metadata" jsonb
+)
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'mk_verify_detail_v2_wrapper';
+
+CREATE FUNCTION "mk_verify_detail"(
+	"key" TEXT,
+	"required_scopes" TEXT[]
+) RETURNS TABLE (
+	"status" TEXT,
+	"key_id" uuid,
+	"user_id" uuid,
+	"key_prefix" TEXT,
+	"name" TEXT,
+	"expires_at" timestamp with time zone,
+	"revoked_at" timestamp with time zone,
+	"scopes" TEXT[],
+	"metadata" jsonb
+)
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'mk_verify_detail_scoped_wrapper';

@@ -1,0 +1,124 @@
+//! Argument checks, done before anything is written.
+
+use pgrx::prelude::*;
+
+use crate::clock;
+use crate::error::{KeyError, KeyResult};
+use crate::jsonb::StoredJsonb;
+use crate::policy::{self, Requirement, ScopeProblem};
+
+/// The seed declares `name VARCHAR(255)`.
+const NAME_MAX_CHARS: usize = 255;
+
+pub(super) fn required<T>(value: Option<T>, argument: &'static str) -> KeyResult<T> {
+    value.ok_or(KeyError::NullArgument { argument })
+}
+
+pub(super) fn check_name(name: Option<&str>) -> KeyResult<()> {
+    let length = name.map_or(0, |n| n.chars().count());
+    if length > NAME_MAX_CHARS {
+        return Err(KeyError::NameTooLong {
+            length,
+            limit: NAME_MAX_CHARS,
+        });
+    }
+    Ok(())
+}
+
+/// `now() + interval`, which must lie after `now()`.
+fn expiry(expires_in: Option<Interval>) -> KeyResult<Option<TimestampWithTimeZone>> {
+    let Some(expires_in) = expires_in else {
+        return Ok(None);
+    };
+    let now = clock::transaction_start_timestamp();
+    // Calendar arithmetic in the session's time zone, as SQL's now() + interval.
+    let at = now + expires_in;
+    if at <= now {
+        return Err(KeyError::NotPositive {
+            argument: "expires_in",
+        });
+    }
+    Ok(Some(at))
+}
+
+/// A grace period that ends now (or NULL) means none at all.
+pub(super) fn grace_period(grace: Option<Interval>) -> KeyResult<Option<Interval>> {
+    let Some(grace) = grace else {
+        return Ok(None);
+    };
+    let now = clock::transaction_start_timestamp();
+    let end = now + grace;
+    if end < now {
+        return Err(KeyError::Negative { argument: "grace" });
+    }
+    Ok((end > now).then_some(grace))
+}
+
+fn checked_scopes(scopes: Option<Array<'_, &str>>) -> KeyResult<Option<Vec<String>>> {
+    let Some(scopes) = scopes else {
+        return Ok(None);
+    };
+    policy::normalize_scopes(scopes.iter())
+        .map(Some)
+        .map_err(|problem| match problem {
+            ScopeProblem::NullElement => KeyError::NullScope,
+            ScopeProblem::Invalid { position } => KeyError::InvalidScope { position },
+            ScopeProblem::TooMany { count } => KeyError::TooManyScopes {
+                count,
+                limit: policy::MAX_SCOPES,
+            },
+        })
+}
+
+fn checked_metadata(metadata: Option<StoredJsonb>) -> KeyResult<Option<StoredJsonb>> {
+    let Some(metadata) = metadata else {
+        return Ok(None);
+    };
+    let found = metadata.type_name();
+    if found != "object" {
+        return Err(KeyError::MetadataNotObject { found });
+    }
+    let size = metadata.stored_size();
+    if size > policy::MAX_METADATA_BYTES {
+        return Err(KeyError::MetadataTooLarge {
+            size,
+            limit: policy::MAX_METADATA_BYTES,
+        });
+    }
+    Ok(Some(metadata))
+}
+
+/// The 0.2.0 issue options, checked.
+pub(super) struct IssueOptions {
+    pub(super) expires_at: Option<TimestampWithTimeZone>,
+    pub(super) scopes: Option<Vec<String>>,
+    pub(super) metadata: Option<StoredJsonb>,
+}
+
+pub(super) fn issue_options(
+    name: Option<&str>,
+    expires_in: Option<Interval>,
+    scopes: Option<Array<'_, &str>>,
+    metadata: Option<StoredJsonb>,
+) -> KeyResult<IssueOptions> {
+    check_name(name)?;
+    Ok(IssueOptions {
+        expires_at: expiry(expires_in)?,
+        scopes: checked_scopes(scopes)?,
+        metadata: checked_metadata(metadata)?,
+    })
+}
+
+/// Collects a `text[]` of required scopes; NULL stays "unknown".
+pub(super) fn with_requirement<R>(
+    required_scopes: Option<Array<'_, &str>>,
+    f: impl FnOnce(Requirement<'_>) -> R,
+) -> R {
+    match required_scopes {
+        None => f(Requirement::Unknown),
+        Some(array) => {
+            let wanted: Vec<Option<&str>> = array.iter().collect();
+            f(Requirement::All(&wanted))
+        }
+    }
+}

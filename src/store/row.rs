@@ -1,0 +1,99 @@
+//! The rows the store reads and writes, as Rust values.
+
+use pgrx::prelude::*;
+use pgrx::spi::SpiHeapTupleData;
+
+use crate::jsonb::StoredJsonb;
+use crate::policy::{Lifetime, Micros};
+
+/// What a lookup should read beyond the columns every verification needs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Reading {
+    /// `key_prefix`, `name` and `metadata`, which only mk_verify_detail shows.
+    pub(crate) labels: bool,
+    /// `scopes`, for the forms that take required scopes.
+    pub(crate) scopes: bool,
+}
+
+/// A row found by hash. Timestamps are PostgreSQL's microseconds.
+pub(crate) struct FoundKey {
+    pub(crate) id: pgrx::Uuid,
+    pub(crate) user_id: pgrx::Uuid,
+    pub(crate) key_prefix: Option<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) last_used_at: Option<Micros>,
+    pub(crate) revoked_at: Option<Micros>,
+    pub(crate) expires_at: Option<Micros>,
+    /// Read only when asked for; `None` also means "unrestricted".
+    pub(crate) scopes: Option<Vec<String>>,
+    pub(crate) metadata: Option<StoredJsonb>,
+}
+
+pub(crate) struct IssuedRow {
+    pub(crate) id: pgrx::Uuid,
+    pub(crate) created_at: TimestampWithTimeZone,
+}
+
+/// What a new key carries besides its hash and prefix (0.2.0 options).
+pub(crate) struct NewKey<'a> {
+    pub(crate) name: Option<&'a str>,
+    pub(crate) expires_at: Option<TimestampWithTimeZone>,
+    pub(crate) scopes: Option<Vec<String>>,
+    pub(crate) metadata: Option<StoredJsonb>,
+}
+
+impl NewKey<'_> {
+    pub(super) fn has_options(&self) -> bool {
+        self.expires_at.is_some() || self.scopes.is_some() || self.metadata.is_some()
+    }
+}
+
+/// The user's active key, as a rotation inherits from it.
+pub(crate) struct ActiveKey {
+    pub(crate) scopes: Option<Vec<String>>,
+    pub(crate) metadata: Option<StoredJsonb>,
+    /// When it was issued and when it expires, if it does.
+    pub(crate) lifetime: Option<Lifetime>,
+}
+
+/// The row an `INSERT ... RETURNING id, created_at` made.
+pub(super) fn issued_row(table: pgrx::spi::SpiTupleTable<'_>) -> IssuedRow {
+    let row = table.first();
+    IssuedRow {
+        id: row.get(1).expect("id").expect("id is not null"),
+        created_at: row
+            .get(2)
+            .expect("created_at")
+            .expect("created_at is not null"),
+    }
+}
+
+/// A lookup row read by column name; 0.2.0 columns may be absent.
+pub(super) fn found_from_row(row: &SpiHeapTupleData<'_>, reading: Reading) -> FoundKey {
+    // A missing column is one this database does not have yet (0.1.0); any
+    // other problem, such as a column whose type was changed, must not read
+    // as "no expiry" or "unrestricted": it fails the call.
+    fn optional<T: IntoDatum + FromDatum>(row: &SpiHeapTupleData<'_>, column: &str) -> Option<T> {
+        match row.get_by_name::<T, _>(column) {
+            Ok(value) => value,
+            Err(pgrx::spi::SpiError::SpiError(pgrx::spi::SpiErrorCodes::NoAttribute)) => None,
+            Err(e) => panic!("api_keys.{column} is not what makima_keys expects: {e}"),
+        }
+    }
+    let micros = |column: &str| {
+        optional::<TimestampWithTimeZone>(row, column).map(pg_sys::TimestampTz::from)
+    };
+    FoundKey {
+        id: optional(row, "id").expect("id is not null"),
+        user_id: optional(row, "user_id").expect("user_id is not null"),
+        key_prefix: optional(row, "key_prefix").filter(|_| reading.labels),
+        name: optional(row, "name").filter(|_| reading.labels),
+        last_used_at: micros("last_used_at"),
+        revoked_at: micros("revoked_at"),
+        expires_at: micros("expires_at"),
+        scopes: optional::<Vec<Option<String>>>(row, "scopes")
+            .filter(|_| reading.scopes)
+            .map(|s| s.into_iter().flatten().collect()),
+        metadata: optional(row, "metadata").filter(|_| reading.labels),
+    }
+}
