@@ -29,7 +29,11 @@ SCRIPTS = HERE / "scripts"
 # the steady state of a key used more often than once an interval. The
 # "60 s" case runs with the default interval, where with 1,000,000 keys
 # picked at random most verifications are a key's first in its interval
-# and write last_used_at.
+# and write last_used_at. The "credits" cases run over a separate set of keys
+# (bench.ckeys) issued with more credits than a run can spend: every
+# mk_verify of such a key updates its row, so their baseline is a bare UPDATE
+# of one random row of the same set; the hot credited key serialises on its
+# row by design, so it has no target.
 THROUGHPUT_CASES = [
     ("SELECT 1", "select1.sql", (1, 4)),
     ("bare lookup", "lookup.sql", (1, 4)),
@@ -41,7 +45,13 @@ THROUGHPUT_CASES = [
     ("diy_verify hot key", "diy_verify_hot.sql", (4,)),
     ("mk_issue_key", "mk_issue_key.sql", (1, 4)),
     ("diy_issue_key", "diy_issue_key.sql", (1, 4)),
+    ("mk_verify credits", "mk_verify_credits.sql", (4,)),
+    ("bare UPDATE", "bare_update.sql", (4,)),
+    ("mk_verify credits, one hot key", "mk_verify_credits_hot.sql", (8,)),
 ]
+
+# Credits of each key of bench.ckeys: never exhausted by a run.
+BENCH_CREDITS = 2_000_000_000
 
 
 # The pairs whose targets sit within a few per cent of their baseline are
@@ -54,6 +64,7 @@ THROUGHPUT_CASES = [
 PAIRED_CASES = [
     ("mk_verify", "mk_verify.sql", "bare lookup", "lookup.sql"),
     ("mk_issue_key", "mk_issue_key.sql", "diy_issue_key", "diy_issue_key.sql"),
+    ("mk_verify credits", "mk_verify_credits.sql", "bare UPDATE", "bare_update.sql"),
 ]
 PAIRED_CLIENTS = 4
 
@@ -86,12 +97,25 @@ def load(args):
         conn.execute("ALTER TABLE bench.keys ADD PRIMARY KEY (i)")
         conn.execute("CREATE TABLE bench.sample AS SELECT key, hash FROM bench.keys WHERE i <= %s",
                       (args.sample,))
+        # Keys with credits, for users of their own (one active key per user).
+        credit_started = time.perf_counter()
+        conn.execute("CREATE TABLE bench.credit_users AS"
+                     " SELECT gen_random_uuid() AS id FROM generate_series(1, %s)", (args.credit_keys,))
+        conn.execute("INSERT INTO users SELECT id FROM bench.credit_users")
+        conn.execute("""CREATE TABLE bench.ckeys AS
+                        SELECT (row_number() OVER ())::int AS i, k.key, mk_hash_key(k.key) AS hash
+                          FROM bench.credit_users u, LATERAL mk_issue_key(u.id, credits => %s::int) k""",
+                     (BENCH_CREDITS,))
+        credit_seconds = time.perf_counter() - credit_started
+        conn.execute("ALTER TABLE bench.ckeys ADD PRIMARY KEY (i)")
         # Stamp every key once, then keep the steady state for the whole run.
         conn.execute("SELECT count(mk_verify(key)) FROM bench.keys")
+        conn.execute("SELECT count(mk_verify(key)) FROM bench.ckeys")
         conn.execute(f"ALTER DATABASE {args.db} SET makima_keys.last_used_interval = 3600")
         conn.execute("VACUUM ANALYZE")
         log(f"loaded {args.keys} keys with mk_issue_key in {seconds:.1f} s "
             f"({args.keys / seconds:,.0f} keys/s, one statement)")
+        log(f"loaded {args.credit_keys} keys with {BENCH_CREDITS:,} credits each in {credit_seconds:.1f} s")
         return seconds
 
 
@@ -101,7 +125,7 @@ def pgbench(args, script, clients, case=""):
         env["PGOPTIONS"] = "-c makima_keys.last_used_interval=60"
     cmd = ["pgbench", "-n", "-M", "prepared", "-h", args.host, "-p", str(args.port), "-U", "postgres",
            "-c", str(clients), "-j", str(clients), "-T", str(args.seconds), "-D", f"keys={args.keys}",
-           "-f", str(SCRIPTS / script), args.db]
+           "-D", f"ckeys={args.credit_keys}", "-f", str(SCRIPTS / script), args.db]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     tps = float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", out).group(1))
     latency = float(re.search(r"latency average = ([\d.]+) ms", out).group(1))
@@ -114,7 +138,7 @@ def paired(args, case_script, baseline_script, clients):
     with tempfile.TemporaryDirectory() as logs:
         cmd = ["pgbench", "-n", "-M", "prepared", "-h", args.host, "-p", str(args.port), "-U", "postgres",
                "-c", str(clients), "-j", str(clients), "-T", str(args.seconds), "-D", f"keys={args.keys}",
-               "-l", "--log-prefix", f"{logs}/tx",
+               "-D", f"ckeys={args.credit_keys}", "-l", "--log-prefix", f"{logs}/tx",
                "-f", str(SCRIPTS / case_script), "-f", str(SCRIPTS / baseline_script), args.db]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         # Per line: client_id transaction_no latency_us script_no epoch_s epoch_us
@@ -135,7 +159,8 @@ def paired(args, case_script, baseline_script, clients):
 # starts from the same state instead of paying for the previous one's
 # pruning, vacuum and checkpoint.
 WRITING_CASES = {"mk_verify, 60 s interval", "diy_verify", "diy_verify hot key",
-                 "mk_issue_key", "diy_issue_key"}
+                 "mk_issue_key", "diy_issue_key", "mk_verify credits", "bare UPDATE",
+                 "mk_verify credits, one hot key"}
 
 
 def settle(args):
@@ -159,7 +184,7 @@ def throughput(args, rows, paired_rows):
                     tps, latency = pgbench(args, script, clients, case)
                     rows.append({"round": rnd, "case": case, "clients": clients, "tps": tps,
                                  "latency_ms": latency})
-                    log(f"round {rnd}  {case:20} {clients} clients  {tps:10.0f} tps  {latency:7.3f} ms")
+                    log(f"round {rnd}  {case:30} {clients} clients  {tps:10.0f} tps  {latency:7.3f} ms")
                     if case in WRITING_CASES:
                         settle(args)
             for case, case_script, baseline, baseline_script in PAIRED_CASES:
@@ -283,7 +308,8 @@ def svg_chart(rows, path):
     for i, (case, tps) in enumerate(values):
         y = 40 + i * (bar + gap)
         w = (width - left - 150) * tps / top
-        colour = "#2b7bb9" if case.startswith("mk_") else "#9a9a9a" if case in ("SELECT 1", "bare lookup") \
+        colour = "#2b7bb9" if case.startswith("mk_") else "#9a9a9a" \
+            if case in ("SELECT 1", "bare lookup", "bare UPDATE") \
             else "#d9822b"
         parts.append(f'<text x="{left - 8}" y="{y + 18}" text-anchor="end">{case}</text>')
         parts.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar}" fill="{colour}"/>')
@@ -299,12 +325,15 @@ def main():
     parser.add_argument("--db", default="makima_bench")
     parser.add_argument("--keys", type=int, default=1_000_000, help="users with one key each (default 1,000,000)")
     parser.add_argument("--sample", type=int, default=100_000, help="keys for the server-side measurement")
+    parser.add_argument("--credit-keys", type=int, default=100_000,
+                        help="users with one key with credits each, for the credits cases (default 100,000)")
     parser.add_argument("--seconds", type=int, default=10, help="length of each pgbench run")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of pgbench runs")
     parser.add_argument("--repeats", type=int, default=5, help="repetitions of each server-side statement")
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args()
     args.sample = min(args.sample, args.keys)
+    args.credit_keys = min(args.credit_keys, args.keys)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -332,12 +361,15 @@ def main():
     svg_chart(rows, out / "chart.svg")
 
     log("")
-    log(f"{'case':22}{'clients':>8}{'tps':>12}{'latency ms':>12}{'x lookup':>10}")
+    log(f"{'case':32}{'clients':>8}{'tps':>12}{'latency ms':>12}{'x lookup':>10}")
+    lookup_clients = next(counts for case, _, counts in THROUGHPUT_CASES if case == "bare lookup")
     for case, _, counts in THROUGHPUT_CASES:
         for clients in counts:
-            ratio = per_round_ratio(rows, case, "bare lookup", clients)
-            log(f"{case:22}{clients:>8}{median(rows, case, clients):>12.0f}"
-                f"{median(rows, case, clients, 'latency_ms'):>12.3f}{ratio:>10.2f}")
+            # No bare lookup runs at some client counts (the hot credited key's 8).
+            ratio = (f"{per_round_ratio(rows, case, 'bare lookup', clients):.2f}"
+                     if clients in lookup_clients else "-")
+            log(f"{case:32}{clients:>8}{median(rows, case, clients):>12.0f}"
+                f"{median(rows, case, clients, 'latency_ms'):>12.3f}{ratio:>10}")
     us = {c: statistics.median(r["us_per_call"] for r in server_rows if r["case"] == c)
           for c in ("scan only", "index probe", "mk_verify", "diy_verify_ro")}
 
@@ -359,6 +391,8 @@ def main():
         ("mk_issue_key tps at 4 clients >= 1.0 x diy_issue_key", ratio("mk_issue_key", "diy_issue_key"),
          ratio("mk_issue_key", "diy_issue_key") >= 1.0),
         ("WAL per verification after the first interval < 1 byte", wal, wal < 1.0),
+        ("mk_verify credits tps at 4 clients >= 0.9 x bare UPDATE", ratio("mk_verify credits", "bare UPDATE"),
+         ratio("mk_verify credits", "bare UPDATE") >= 0.9),
     ]
     log("")
     log("server side, us per call: " + ", ".join(f"{c} {v:.3f}" for c, v in us.items()))
@@ -372,6 +406,11 @@ def main():
     log(f"\nfor reference: bare lookup tps at 4 clients / diy_verify = "
         f"{ratio('bare lookup', 'diy_verify'):.2f}; mk_issue_key / diy_issue_key at 1 client = "
         f"{ratio('mk_issue_key', 'diy_issue_key', 1):.2f}")
+    # No target: every verification of one credited key updates the same row,
+    # so they run one after another by design.
+    log(f"for reference (no target): mk_verify credits, one hot key at 8 clients = "
+        f"{median(rows, 'mk_verify credits, one hot key', 8):.0f} tps "
+        f"({median(rows, 'mk_verify credits, one hot key', 8, 'latency_ms'):.3f} ms)")
     log(f"\npaired runs ({PAIRED_CLIENTS} clients, both scripts mixed in one pgbench run per round; "
         "baseline / case mean latency):")
     for case, _, baseline, _ in PAIRED_CASES:

@@ -4,7 +4,7 @@
 # (other arguments are passed on, e.g. --keys 100000 --seconds 5), stops the cluster.
 #   bash bench/run.sh [--pg 15|16|18] [bench.py arguments]
 # Default: PostgreSQL 15, 1,000,000 keys, 5 rounds of 10-second pgbench runs,
-# about 20 minutes.
+# about 25 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${MK_BENCH_PORT:-26440}

@@ -68,5 +68,13 @@ SELECT mk_verify(:'ci_key') IS NOT NULL AS old_still_works, mk_verify(:'ci_key_2
 SELECT mk_revoke_key(:'ci_key') AS revoked_leaked_key;
 SELECT key_prefix, name, scopes, status, revoked_at IS NOT NULL AS has_end
   FROM mk_keys WHERE user_id = :'grace' ORDER BY created_at;
+
+-- 0.3.0: a key good for 3 calls, refilled every day; a call can cost more than one.
+INSERT INTO users (email) VALUES ('linus@example.com') RETURNING id AS linus \gset
+SELECT key AS metered FROM mk_issue_key(:'linus', credits => 3, refill_amount => 3,
+                                        refill_every => '1 day') \gset
+SELECT status, credits FROM mk_verify_detail(:'metered', cost => 2);
+SELECT status, credits, retry_after FROM mk_verify_detail(:'metered', cost => 2);
+SELECT status, credits FROM mk_verify_detail(:'metered', cost => 0);   -- a peek spends nothing
 SQL
 echo "== done; the cluster is stopped and removed"

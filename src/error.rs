@@ -44,6 +44,18 @@ pub(crate) enum KeyError {
     #[error("metadata is {size} bytes; the limit is {limit}")]
     MetadataTooLarge { size: usize, limit: usize },
 
+    #[error("{argument} must be at least {minimum}")]
+    TooSmall {
+        argument: &'static str,
+        minimum: i32,
+    },
+
+    #[error("refill_amount and refill_every must be given together")]
+    RefillIncomplete,
+
+    #[error("a refill needs credits: refill_amount and refill_every come with credits")]
+    RefillWithoutCredits,
+
     #[error("a statement of makima_keys resolved to a table other than the extension's api_keys")]
     TableMoved,
 }
@@ -61,7 +73,10 @@ impl KeyError {
             | KeyError::Negative { .. }
             | KeyError::InvalidScope { .. }
             | KeyError::TooManyScopes { .. }
-            | KeyError::MetadataNotObject { .. } => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            | KeyError::MetadataNotObject { .. }
+            | KeyError::TooSmall { .. }
+            | KeyError::RefillIncomplete
+            | KeyError::RefillWithoutCredits => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             KeyError::MetadataTooLarge { .. } => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             KeyError::TableMoved => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
         }
@@ -78,6 +93,9 @@ impl KeyError {
                 "A scope is 1 to 64 characters with no whitespace or control characters, e.g. 'read' or 'billing:write'.",
             ),
             KeyError::MetadataNotObject { .. } => Some("Pass an object, e.g. '{\"team\": \"ops\"}'::jsonb."),
+            KeyError::RefillIncomplete | KeyError::RefillWithoutCredits => Some(
+                "For example: credits => 1000, refill_amount => 1000, refill_every => '1 day'.",
+            ),
             KeyError::TableMoved => Some(
                 "The extension's schema or table changed while this session kept a plan; nothing was run. Call again.",
             ),

@@ -54,3 +54,30 @@ fn every_shipped_script_is_listed_and_unchanged() {
         );
     }
 }
+
+/// An upgrade script runs the same schema block as a fresh install, so that
+/// both end with the same table: the block in the shipped script is the
+/// editable source's, byte for byte.
+#[test]
+fn upgrade_scripts_run_the_install_schema_blocks_verbatim() {
+    for (script, source, start) in [
+        (
+            "makima_keys--0.1.0--0.2.0.sql",
+            "src/schema_0_2_0.sql",
+            "DO $schema_0_2_0$",
+        ),
+        (
+            "makima_keys--0.2.1--0.3.0.sql",
+            "src/schema_0_3_0.sql",
+            "DO $schema_0_3_0$",
+        ),
+    ] {
+        let source = std::fs::read_to_string(sql_dir().join(source)).expect("a schema source");
+        let block = &source[source.find(start).expect("the block's start")..];
+        let shipped = std::fs::read_to_string(sql_dir().join(script)).expect("a shipped script");
+        assert!(
+            shipped.contains(block),
+            "{script} does not run {start} as the install does"
+        );
+    }
+}

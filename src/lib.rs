@@ -44,6 +44,13 @@ extension_sql_file!(
     name = "schema_0_2_0",
     requires = ["bootstrap"]
 );
+// 0.3.0: the credit columns and mk_keys with them; the upgrade script runs
+// the same block.
+extension_sql_file!(
+    "../sql/src/schema_0_3_0.sql",
+    name = "schema_0_3_0",
+    requires = ["schema_0_2_0"]
+);
 // 0.2.1: the call that restores the users foreign key after a logical
 // restore; the upgrade script creates the same function.
 extension_sql_file!(

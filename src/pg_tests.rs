@@ -383,15 +383,16 @@ mod tests {
             "SELECT count(*) FROM pg_proc WHERE prosecdef AND proname LIKE 'mk\\_%'",
         )
         .unwrap();
-        assert_eq!(definers, Some(7));
-        // The two mk_verify forms are invokers that switch rights only for the
-        // statements they run (store::with_owner_rights).
+        // issue, rotate, the three revocations and mk_verify_detail.
+        assert_eq!(definers, Some(6));
+        // mk_verify is an invoker that switches rights only for the
+        // statements it runs (store::with_owner_rights).
         let verify_invokers = Spi::get_one::<i64>(
             "SELECT count(*) FROM pg_proc
               WHERE proname = 'mk_verify' AND NOT prosecdef AND proconfig IS NULL",
         )
         .unwrap();
-        assert_eq!(verify_invokers, Some(2));
+        assert_eq!(verify_invokers, Some(1));
     }
 
     #[pg_test]
@@ -401,7 +402,7 @@ mod tests {
         let (_, key) = issue(user);
         Spi::run(
             "CREATE ROLE mk_test_verifier;
-             GRANT EXECUTE ON FUNCTION mk_verify(text), mk_verify(text, text[]) TO mk_test_verifier;
+             GRANT EXECUTE ON FUNCTION mk_verify(text, text[], integer) TO mk_test_verifier;
              GRANT USAGE, CREATE ON SCHEMA public TO mk_test_verifier",
         )
         .unwrap();
@@ -777,7 +778,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             columns,
-            "id,user_id,key_prefix,name,created_at,last_used_at,expires_at,revoked_at,scopes,metadata,status"
+            "id,user_id,key_prefix,name,created_at,last_used_at,expires_at,revoked_at,scopes,metadata,status,credits,refill_amount,refill_every,refilled_at"
         );
         assert!(check(
             "SELECT k.status = 'valid' AND k.name = 'ci' AND k.scopes = '{read}' AND k.metadata = '{\"a\": 1}'

@@ -13,45 +13,71 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import psycopg
 
+# The key and the scopes are bind parameters: they never become part of the SQL
+# text, so they cannot reach pg_stat_statements or a statement log line.
+# retry_after comes back in whole seconds, rounded up, ready for Retry-After.
+VERIFY = """SELECT status, user_id, ceil(extract(epoch FROM retry_after))::int AS retry_after_s, credits
+              FROM mk_verify_detail(%s, %s::text[], cost => %s)"""
+
+# mk_verify_detail's status -> HTTP status of the refusal. Every other status
+# (malformed, not_found, revoked, expired) is a 401 invalid_api_key.
+REFUSALS = {
+    "insufficient_scope": "403 Forbidden",
+    "usage_exceeded": "402 Payment Required",  # out of credits
+    "rate_limited": "429 Too Many Requests",
+    "rate_limit_unavailable": "503 Service Unavailable",
+    "usage_unavailable": "503 Service Unavailable",
+}
+
 
 class RequireApiKey:
-    """WSGI middleware: `Authorization: Bearer <key>` must verify with mk_verify.
+    """WSGI middleware: `Authorization: Bearer <key>` must verify with
+    mk_verify_detail, carry `scopes`, and pay `cost` credits (if it has credits).
 
-    On success the user id is in environ["makima.user_id"]; otherwise the
-    request ends here with 401 (no or invalid key) or 503 (database down).
+    On success the user id is in environ["makima.user_id"] and the credits left
+    in environ["makima.credits"] (None for a key without credits); otherwise the
+    request ends here with 401, 402, 403, 429 or 503 (see README.md).
     """
 
-    def __init__(self, app, conninfo=""):
+    def __init__(self, app, conninfo="", scopes=(), cost=1):
         self.app = app
         self.conninfo = conninfo
+        self.scopes = list(scopes)
+        self.cost = cost
         self.conn = None
 
     def _verify(self, key):
         if self.conn is None or self.conn.closed:
+            # autocommit: each check is its own transaction, so spent credits commit at once.
             self.conn = psycopg.connect(self.conninfo, autocommit=True)
-        # The key is a bind parameter: it never becomes part of the SQL text,
-        # so it cannot reach pg_stat_statements or a statement log line.
-        return self.conn.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0]
+        return self.conn.execute(VERIFY, (key, self.scopes, self.cost)).fetchone()
 
     def __call__(self, environ, start_response):
         scheme, _, key = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
         if scheme.lower() != "bearer" or not key:
             return _json(start_response, "401 Unauthorized", {"error": "missing_api_key"})
         try:
-            user_id = self._verify(key.strip())
+            status, user_id, retry_after_s, credits = self._verify(key.strip())
         except psycopg.Error:
             self.conn = None
             # Never log the key, not even on failure.
             return _json(start_response, "503 Service Unavailable", {"error": "unavailable"})
-        if user_id is None:
+        if status == "valid":
+            environ["makima.user_id"] = str(user_id)
+            environ["makima.credits"] = credits
+            return self.app(environ, start_response)
+        if status not in REFUSALS:
             return _json(start_response, "401 Unauthorized", {"error": "invalid_api_key"})
-        environ["makima.user_id"] = str(user_id)
-        return self.app(environ, start_response)
+        # Set for usage_exceeded (until the next refill) and rate_limited; NULL when
+        # waiting will not help (a key that never refills).
+        headers = [] if retry_after_s is None else [("Retry-After", str(retry_after_s))]
+        return _json(start_response, REFUSALS[status], {"error": status}, headers)
 
 
-def _json(start_response, status, body):
+def _json(start_response, status, body, headers=()):
     payload = json.dumps(body).encode()
-    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))])
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
+                            *headers])
     return [payload]
 
 

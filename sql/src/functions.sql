@@ -2,14 +2,18 @@
 -- materialize mode (src/one_row.rs). pgrx declares a set-returning Rust
 -- function as value-per-call, so their definitions are written here; the
 -- Rust functions behind them are #[pg_extern(sql = false)] in src/api/.
--- These are the definitions pgrx generated for 0.2.0, without its comments.
+-- 0.3.0 added the credit arguments and mk_verify_detail's cost and last two
+-- columns; the definitions are otherwise those pgrx generated for 0.2.0.
 
 CREATE FUNCTION "mk_issue_key"(
 	"user_id" uuid,
 	"name" TEXT DEFAULT NULL,
 	"expires_in" interval DEFAULT NULL,
 	"scopes" TEXT[] DEFAULT NULL,
-	"metadata" jsonb DEFAULT NULL
+	"metadata" jsonb DEFAULT NULL,
+	"credits" INT DEFAULT NULL,
+	"refill_amount" INT DEFAULT NULL,
+	"refill_every" interval DEFAULT NULL
 ) RETURNS TABLE (
 	"id" uuid,
 	"key" TEXT,
@@ -19,7 +23,7 @@ CREATE FUNCTION "mk_issue_key"(
 VOLATILE SECURITY DEFINER PARALLEL UNSAFE
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
-AS 'MODULE_PATHNAME', 'mk_issue_key_v2_wrapper';
+AS 'MODULE_PATHNAME', 'mk_issue_key_v3_wrapper';
 
 CREATE FUNCTION "mk_rotate_key"(
 	"user_id" uuid,
@@ -27,7 +31,10 @@ CREATE FUNCTION "mk_rotate_key"(
 	"expires_in" interval DEFAULT NULL,
 	"scopes" TEXT[] DEFAULT NULL,
 	"metadata" jsonb DEFAULT NULL,
-	"grace" interval DEFAULT NULL
+	"grace" interval DEFAULT NULL,
+	"credits" INT DEFAULT NULL,
+	"refill_amount" INT DEFAULT NULL,
+	"refill_every" interval DEFAULT NULL
 ) RETURNS TABLE (
 	"id" uuid,
 	"key" TEXT,
@@ -37,29 +44,12 @@ CREATE FUNCTION "mk_rotate_key"(
 VOLATILE SECURITY DEFINER PARALLEL UNSAFE
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
-AS 'MODULE_PATHNAME', 'mk_rotate_key_v2_wrapper';
-
-CREATE FUNCTION "mk_verify_detail"(
-	"key" TEXT
-) RETURNS TABLE (
-	"status" TEXT,
-	"key_id" uuid,
-	"user_id" uuid,
-	"key_prefix" TEXT,
-	"name" TEXT,
-	"expires_at" timestamp with time zone,
-	"revoked_at" timestamp with time zone,
-	"scopes" TEXT[],
-	"metadata" jsonb
-)
-VOLATILE SECURITY DEFINER PARALLEL UNSAFE
-SET search_path TO pg_catalog, pg_temp
-LANGUAGE c
-AS 'MODULE_PATHNAME', 'mk_verify_detail_v2_wrapper';
+AS 'MODULE_PATHNAME', 'mk_rotate_key_v3_wrapper';
 
 CREATE FUNCTION "mk_verify_detail"(
 	"key" TEXT,
-	"required_scopes" TEXT[]
+	"required_scopes" TEXT[] DEFAULT '{}',
+	"cost" INT DEFAULT 1
 ) RETURNS TABLE (
 	"status" TEXT,
 	"key_id" uuid,
@@ -69,9 +59,11 @@ CREATE FUNCTION "mk_verify_detail"(
 	"expires_at" timestamp with time zone,
 	"revoked_at" timestamp with time zone,
 	"scopes" TEXT[],
-	"metadata" jsonb
+	"metadata" jsonb,
+	"retry_after" interval,
+	"credits" INT
 )
 VOLATILE SECURITY DEFINER PARALLEL UNSAFE
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
-AS 'MODULE_PATHNAME', 'mk_verify_detail_scoped_wrapper';
+AS 'MODULE_PATHNAME', 'mk_verify_detail_v3_wrapper';

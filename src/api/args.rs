@@ -109,6 +109,61 @@ pub(super) fn issue_options(
     })
 }
 
+/// The cost of a verification: never NULL or negative, so that a
+/// verify-only role can never add credits.
+pub(super) fn checked_cost(cost: Option<i32>) -> KeyResult<i32> {
+    let cost = required(cost, "cost")?;
+    if cost < 0 {
+        return Err(KeyError::Negative { argument: "cost" });
+    }
+    Ok(cost)
+}
+
+/// The 0.3.0 credit options: starting credits and an optional refill.
+pub(super) struct CreditOptions {
+    pub(super) credits: Option<i32>,
+    pub(super) refill: Option<(i32, Interval)>,
+}
+
+pub(super) fn credit_options(
+    credits: Option<i32>,
+    refill_amount: Option<i32>,
+    refill_every: Option<Interval>,
+) -> KeyResult<CreditOptions> {
+    let refill = match (refill_amount, refill_every) {
+        (None, None) => None,
+        (Some(amount), Some(every)) => Some((amount, every)),
+        _ => return Err(KeyError::RefillIncomplete),
+    };
+    if refill.is_some() && credits.is_none() {
+        return Err(KeyError::RefillWithoutCredits);
+    }
+    if credits.is_some_and(|c| c < 0) {
+        return Err(KeyError::Negative {
+            argument: "credits",
+        });
+    }
+    if let Some((amount, every)) = refill {
+        if amount < 1 {
+            return Err(KeyError::TooSmall {
+                argument: "refill_amount",
+                minimum: 1,
+            });
+        }
+        let period = policy::Every {
+            months: every.months(),
+            days: every.days(),
+            micros: every.micros(),
+        };
+        if !period.is_valid() {
+            return Err(KeyError::NotPositive {
+                argument: "refill_every",
+            });
+        }
+    }
+    Ok(CreditOptions { credits, refill })
+}
+
 /// Collects a `text[]` of required scopes; NULL stays "unknown".
 pub(super) fn with_requirement<R>(
     required_scopes: Option<Array<'_, &str>>,

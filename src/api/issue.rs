@@ -5,7 +5,7 @@
 use pgrx::prelude::*;
 use rand::rngs::OsRng;
 
-use super::args::{grace_period, issue_options, required};
+use super::args::{credit_options, grace_period, issue_options, required};
 use super::call::store_for;
 use crate::clock;
 use crate::error::{KeyError, KeyResult};
@@ -14,7 +14,7 @@ use crate::jsonb::StoredJsonb;
 use crate::key_format;
 use crate::one_row::OneRow;
 use crate::policy;
-use crate::store::{IssuedRow, NewKey, Store};
+use crate::store::{ActiveKey, Insert, IssuedRow, NewKey, Store};
 
 // pgrx reads the return type from the signature, so the 0.1.0 issuing
 // functions spell it out; this alias is for the Rust side.
@@ -67,93 +67,161 @@ pub(super) fn issue(
     store: &Store,
     user_id: pgrx::Uuid,
     new: NewKey<'_>,
+    how: Insert,
     function: &'static str,
 ) -> KeyResult<Issued> {
     let key = key_format::generate(&mut OsRng).map_err(|_| KeyError::RandomnessUnavailable)?;
     let prefix = key_format::display_prefix(&key).to_owned();
-    let row = store.insert_active(user_id, &hash_key(&key), &prefix, new, function);
+    let row = store.insert_active(user_id, &hash_key(&key), &prefix, new, how, function);
     Ok(Issued { row, key, prefix })
 }
 
-/// A key with a name and no 0.2.0 options.
+/// A key with a name and no later options.
 pub(super) fn plain_key(name: Option<&str>) -> NewKey<'_> {
     NewKey {
         name,
         expires_at: None,
         scopes: None,
         metadata: None,
+        credits: None,
+        refill: None,
+        refilled_at: None,
     }
 }
 
-/// Issues a new active key for `user_id`. The key is returned once and stored nowhere.
+/// The new key of a rotation: each option given, or else the active key's
+/// (`policy::inherited`, `policy::rotated_expiry`), so a rotation never
+/// widens what a key may do. Credits are one option: given, they replace
+/// the active key's; not given, the active key's remaining credits and
+/// refill schedule move to the new key.
+pub(super) fn rotated_key<'a>(
+    name: Option<&'a str>,
+    given: NewKey<'a>,
+    active: Option<ActiveKey>,
+) -> NewKey<'a> {
+    let active = active.unwrap_or(ActiveKey {
+        scopes: None,
+        metadata: None,
+        lifetime: None,
+        credits: None,
+        refill: None,
+        refilled_at: None,
+    });
+    let expires_at = policy::rotated_expiry(
+        given.expires_at.map(pg_sys::TimestampTz::from),
+        active.lifetime,
+        clock::transaction_start(),
+    );
+    let (credits, refill, refilled_at) = if given.credits.is_some() {
+        (given.credits, given.refill, None)
+    } else {
+        (active.credits, active.refill, active.refilled_at)
+    };
+    NewKey {
+        name,
+        expires_at: expires_at.map(clock::timestamp_or_infinity),
+        scopes: policy::inherited(given.scopes, active.scopes),
+        metadata: policy::inherited(given.metadata, active.metadata),
+        credits,
+        refill,
+        refilled_at,
+    }
+}
+
+/// The body of every issuing function that returns its row in materialize
+/// mode: the row is set up first (a caller that cannot take a set gets
+/// 0A000 before anything is written), then `issue_key` runs with the
+/// call's store, and its key, or its error raised for `function`, is the
+/// call's answer.
+///
+/// # Safety
+/// `fcinfo` is the call's own, and its SQL definition returns rows of
+/// `ISSUED_ROW_TYPES` (sql/src/functions.sql, or an earlier version's script).
+pub(super) unsafe fn issuing_call(
+    fcinfo: pg_sys::FunctionCallInfo,
+    function: &'static str,
+    issue_key: impl FnOnce(&Store) -> KeyResult<Issued>,
+) {
+    // SAFETY: the caller's contract.
+    let row = unsafe { OneRow::begin(fcinfo, &ISSUED_ROW_TYPES) };
+    match issue_key(&store_for(fcinfo)) {
+        Ok(issued) => issued.into_row(row),
+        Err(e) => e.raise(function),
+    }
+}
+
+/// Issues a new active key for `user_id`. The key is returned once and
+/// stored nowhere. An active key that has expired is ended first.
+#[allow(clippy::too_many_arguments)]
 #[pg_extern(sql = false)]
-fn mk_issue_key_v2(
+fn mk_issue_key_v3(
     user_id: Option<pgrx::Uuid>,
     name: Option<&str>,
     expires_in: Option<Interval>,
     scopes: Option<Array<&str>>,
     metadata: Option<StoredJsonb>,
+    credits: Option<i32>,
+    refill_amount: Option<i32>,
+    refill_every: Option<Interval>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) {
     // SAFETY: our own fcinfo; functions.sql declares rows of these types.
-    let row = unsafe { OneRow::begin(fcinfo, &ISSUED_ROW_TYPES) };
-    let result = required(user_id, "user_id").and_then(|user_id| {
-        let options = issue_options(name, expires_in, scopes, metadata)?;
-        let new = NewKey {
-            name,
-            expires_at: options.expires_at,
-            scopes: options.scopes,
-            metadata: options.metadata,
-        };
-        let store = store_for(fcinfo);
-        issue(&store, user_id, new, "mk_issue_key")
-    });
-    match result {
-        Ok(issued) => issued.into_row(row),
-        Err(e) => e.raise("mk_issue_key"),
+    unsafe {
+        issuing_call(fcinfo, "mk_issue_key", |store| {
+            let user_id = required(user_id, "user_id")?;
+            let options = issue_options(name, expires_in, scopes, metadata)?;
+            let credits = credit_options(credits, refill_amount, refill_every)?;
+            let new = NewKey {
+                name,
+                expires_at: options.expires_at,
+                scopes: options.scopes,
+                metadata: options.metadata,
+                credits: credits.credits,
+                refill: credits.refill,
+                refilled_at: None,
+            };
+            let how = Insert::Columns0_3 { end_expired: true };
+            issue(store, user_id, new, how, "mk_issue_key")
+        })
     }
 }
 
 /// Ends the user's live keys (the active one after `grace`) and issues a new
-/// one, in one statement. Options not given are taken from the active key
-/// (`policy::inherited`, `policy::rotated_expiry`), so a rotation never
-/// widens what a key may do.
+/// one, in one statement. Options not given are taken from the active key.
+#[allow(clippy::too_many_arguments)]
 #[pg_extern(sql = false)]
-fn mk_rotate_key_v2(
+fn mk_rotate_key_v3(
     user_id: Option<pgrx::Uuid>,
     name: Option<&str>,
     expires_in: Option<Interval>,
     scopes: Option<Array<&str>>,
     metadata: Option<StoredJsonb>,
     grace: Option<Interval>,
+    credits: Option<i32>,
+    refill_amount: Option<i32>,
+    refill_every: Option<Interval>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) {
     // SAFETY: our own fcinfo; functions.sql declares rows of these types.
-    let row = unsafe { OneRow::begin(fcinfo, &ISSUED_ROW_TYPES) };
-    let result = required(user_id, "user_id").and_then(|user_id| {
-        let options = issue_options(name, expires_in, scopes, metadata)?;
-        let grace = grace_period(grace)?;
-        let store = store_for(fcinfo);
-        let active = store.end_user_keys_inheriting(user_id, grace);
-        let (lifetime, active_scopes, active_metadata) = match active {
-            Some(active) => (active.lifetime, active.scopes, active.metadata),
-            None => (None, None, None),
-        };
-        let expires_at = policy::rotated_expiry(
-            options.expires_at.map(pg_sys::TimestampTz::from),
-            lifetime,
-            clock::transaction_start(),
-        );
-        let new = NewKey {
-            name,
-            expires_at: expires_at.map(clock::timestamp_or_infinity),
-            scopes: policy::inherited(options.scopes, active_scopes),
-            metadata: policy::inherited(options.metadata, active_metadata),
-        };
-        issue(&store, user_id, new, "mk_rotate_key")
-    });
-    match result {
-        Ok(issued) => issued.into_row(row),
-        Err(e) => e.raise("mk_rotate_key"),
+    unsafe {
+        issuing_call(fcinfo, "mk_rotate_key", |store| {
+            let user_id = required(user_id, "user_id")?;
+            let options = issue_options(name, expires_in, scopes, metadata)?;
+            let credits = credit_options(credits, refill_amount, refill_every)?;
+            let grace = grace_period(grace)?;
+            let active = store.end_user_keys_inheriting(user_id, grace, true);
+            let given = NewKey {
+                name,
+                expires_at: options.expires_at,
+                scopes: options.scopes,
+                metadata: options.metadata,
+                credits: credits.credits,
+                refill: credits.refill,
+                refilled_at: None,
+            };
+            let new = rotated_key(name, given, active);
+            let how = Insert::Columns0_3 { end_expired: false };
+            issue(store, user_id, new, how, "mk_rotate_key")
+        })
     }
 }

@@ -1,18 +1,18 @@
 //! The SQL surface, by concern: `args` checks arguments, then `issue`,
 //! `verify` and `revoke` apply `key_format`, `hashing` and `policy` and
-//! call `store`; `key_text` needs no table; `v0_1_0` keeps the 0.1.0 C
-//! symbols.
+//! call `store`; `key_text` needs no table; `v0_1_0` and `v0_2_0` keep the
+//! C symbols of earlier versions.
 //!
 //! Functions that touch `api_keys` are SECURITY DEFINER with
 //! `search_path = pg_catalog, pg_temp`, except the verifications (see
 //! `verify`); `store` qualifies the table itself.
 //!
-//! Functions whose SQL signature or behaviour changed in 0.2.0 have new C
-//! symbols (the `_v2` Rust names): a session that still runs the 0.1.0
-//! library after ALTER EXTENSION UPDATE then fails to find them, instead of
-//! applying 0.1.0 rules (no expiry, no grace) to 0.2.0 keys. The 0.1.0
-//! symbols stay in `v0_1_0`, without SQL of their own, for databases still
-//! at 0.1.0 when this library is installed.
+//! Functions whose SQL signature or behaviour changed in a version have new
+//! C symbols (the `_v2`, `_v3` Rust names): a session that still runs an
+//! older library after ALTER EXTENSION UPDATE then fails to find them,
+//! instead of applying older rules (no expiry, no credits) to newer keys.
+//! The older symbols stay in `v0_1_0` and `v0_2_0`, without SQL of their
+//! own, for databases not yet updated when this library is installed.
 
 mod args;
 mod call;
@@ -20,4 +20,5 @@ mod issue;
 mod key_text;
 mod revoke;
 mod v0_1_0;
+mod v0_2_0;
 mod verify;

@@ -9,8 +9,9 @@ use pgrx::prelude::*;
 use super::args::{check_name, required};
 use super::call::store_for;
 use super::issue::{issue, plain_key, Issued};
-use super::verify::{detail_row, verified_user, verify_key};
+use super::verify::{detail_of, verified_user, verify_key};
 use crate::policy::Requirement;
+use crate::store::Insert;
 
 #[pg_extern(sql = false)]
 fn mk_issue_key(
@@ -29,7 +30,14 @@ fn mk_issue_key(
     let result = required(user_id, "user_id").and_then(|user_id| {
         check_name(name)?;
         let store = store_for(fcinfo).without_events();
-        issue(&store, user_id, plain_key(name), "mk_issue_key").map(Issued::into_table)
+        issue(
+            &store,
+            user_id,
+            plain_key(name),
+            Insert::Columns0_2,
+            "mk_issue_key",
+        )
+        .map(Issued::into_table)
     });
     result.unwrap_or_else(|e| e.raise("mk_issue_key"))
 }
@@ -52,7 +60,14 @@ fn mk_rotate_key(
         check_name(name)?;
         let store = store_for(fcinfo).without_events();
         store.end_user_keys(user_id, None);
-        issue(&store, user_id, plain_key(name), "mk_rotate_key").map(Issued::into_table)
+        issue(
+            &store,
+            user_id,
+            plain_key(name),
+            Insert::Columns0_2,
+            "mk_rotate_key",
+        )
+        .map(Issued::into_table)
     });
     result.unwrap_or_else(|e| e.raise("mk_rotate_key"))
 }
@@ -72,14 +87,19 @@ fn mk_verify_detail(
         name!(name, Option<String>),
     ),
 > {
-    let (status, key_id, user_id, key_prefix, name, ..) =
-        detail_row(verify_key(fcinfo, key, Requirement::None, true));
-    TableIterator::once((status, key_id, user_id, key_prefix, name))
+    let detail = detail_of(verify_key(fcinfo, key, Requirement::None, true, 1));
+    TableIterator::once((
+        detail.status.to_owned(),
+        detail.key_id,
+        detail.user_id,
+        detail.key_prefix,
+        detail.name,
+    ))
 }
 
 #[pg_extern(sql = false)]
 fn mk_verify(key: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> Option<pgrx::Uuid> {
-    verified_user(verify_key(fcinfo, key, Requirement::None, false))
+    verified_user(verify_key(fcinfo, key, Requirement::None, false, 1))
 }
 
 // 0.1.0 sent no events: a revoking transaction could be prepared (2PC).

@@ -1,15 +1,15 @@
 //! Verification: `mk_verify` and `mk_verify_detail`, and the one algorithm
 //! behind both (`verify_key`).
 //!
-//! The `mk_verify` forms are SECURITY INVOKER on purpose (see
-//! `store::owner`): the probe resolves no names, and the statements it may
-//! run get the owner's rights and a pinned search_path there. The
-//! `mk_verify_detail` definitions are in `sql/src/functions.sql`: they
-//! return their one row in materialize mode (see `one_row`).
+//! `mk_verify` is SECURITY INVOKER on purpose (see `store::owner`): the
+//! probe resolves no names, and the statements it may run get the owner's
+//! rights and a pinned search_path there. The `mk_verify_detail`
+//! definition is in `sql/src/functions.sql`: it returns its one row in
+//! materialize mode (see `one_row`).
 
 use pgrx::prelude::*;
 
-use super::args::with_requirement;
+use super::args::{checked_cost, with_requirement};
 use super::call::store_for;
 use crate::clock;
 use crate::hashing::KeyHash;
@@ -18,23 +18,40 @@ use crate::key_format::{self, KeyShape};
 use crate::one_row::OneRow;
 use crate::policy::{self, KeyStatus, Micros, Requirement};
 use crate::settings;
-use crate::store::{self, FoundKey, Reading};
+use crate::store::{self, DueRefill, FoundKey, Reading, Spent};
 
 /// What a verification found; `Malformed` and `NotFound` carry no row.
+// Returned once per call by value: boxing the row would add an allocation
+// to the hot path.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Verdict {
     Malformed,
     NotFound,
-    Found(FoundKey, KeyStatus),
+    Found(FoundKey, KeyStatus, Usage),
 }
 
+/// What a key with credits holds after the call, and when a refused call
+/// could pass (for `usage_exceeded`: the next refill).
+#[derive(Default, Clone, Copy)]
+pub(super) struct Usage {
+    pub(super) credits: Option<i32>,
+    pub(super) retry_after: Option<Micros>,
+}
+
+/// How many times a spend is tried again after the row changed under it
+/// (another transaction spent, refilled or revoked it first).
+const SPEND_ATTEMPTS: usize = 3;
+
 /// Checks the key's shape, finds its row by hash, and judges it at the wall
-/// clock; a valid key whose `last_used_at` is due gets it written, when this
-/// call may write (`store::may_write_last_used`).
+/// clock. A valid key with credits spends `cost` of them in the caller's
+/// transaction; one without gets `last_used_at` written when it is due and
+/// this call may write (`store::may_write_last_used`).
 pub(super) fn verify_key(
     fcinfo: pg_sys::FunctionCallInfo,
     key: Option<&str>,
     requirement: Requirement<'_>,
     with_labels: bool,
+    cost: i32,
 ) -> Verdict {
     let Some(key) = key else {
         return Verdict::Malformed;
@@ -47,106 +64,165 @@ pub(super) fn verify_key(
         labels: with_labels,
         scopes: with_labels || requirement != Requirement::None,
     };
-    let Some(found) = store.find_by_hash(KeyHash::of(key).as_str(), reading) else {
-        return Verdict::NotFound;
-    };
-    // The wall clock, not the transaction start: a revocation or expiry that
-    // is visible must take effect, however long this transaction has run.
-    // Read only for keys that can end.
-    let now = if found.revoked_at.is_some() || found.expires_at.is_some() {
-        clock::wall_clock()
-    } else {
-        0
-    };
-    let scopes_ok = policy::satisfies(found.scopes.as_deref(), requirement);
-    let status = policy::status(found.revoked_at, found.expires_at, now, scopes_ok);
-    if status == KeyStatus::Valid
-        && policy::last_used_due(
-            found.last_used_at,
-            clock::transaction_start(),
-            settings::last_used_interval_secs(),
-        )
-        && store::may_write_last_used()
-    {
-        store.touch_last_used(found.id);
+    let hash = KeyHash::of(key);
+    for _ in 0..SPEND_ATTEMPTS {
+        let Some(found) = store.find_by_hash(hash.as_str(), reading) else {
+            return Verdict::NotFound;
+        };
+        // The wall clock, not the transaction start: a revocation or expiry
+        // that is visible must take effect, however long this transaction
+        // has run. Read only for keys that can end or refill.
+        let now = if found.revoked_at.is_some()
+            || found.expires_at.is_some()
+            || found.credits.is_some()
+        {
+            clock::wall_clock()
+        } else {
+            0
+        };
+        let scopes_ok = policy::satisfies(found.scopes.as_deref(), requirement);
+        let status = policy::status(found.revoked_at, found.expires_at, now, scopes_ok);
+        let Some(credits) = found.credits else {
+            if status == KeyStatus::Valid
+                && policy::last_used_due(
+                    found.last_used_at,
+                    clock::transaction_start(),
+                    settings::last_used_interval_secs(),
+                )
+                && store::may_write_last_used()
+            {
+                store.touch_last_used(found.id);
+            }
+            return Verdict::Found(found, status, Usage::default());
+        };
+        let (available, refilled_at) = policy::available(credits, now);
+        let mut usage = Usage {
+            credits: Some(available),
+            retry_after: None,
+        };
+        if status != KeyStatus::Valid || cost == 0 {
+            return Verdict::Found(found, status, usage);
+        }
+        if available < cost {
+            usage.retry_after = policy::next_refill(credits, refilled_at).map(|at| at - now);
+            return Verdict::Found(found, KeyStatus::UsageExceeded, usage);
+        }
+        if !store::may_spend_credits() {
+            return Verdict::Found(found, KeyStatus::UsageUnavailable, usage);
+        }
+        let refill = refilled_at
+            .zip(credits.refill)
+            .map(|(to, (_, _, from))| DueRefill { from, to });
+        match store.spend_credits(found.id, cost, refill) {
+            Spent::Left(left) => {
+                if left == 0 {
+                    store.announce_used_up(found.id);
+                }
+                usage.credits = Some(left);
+                return Verdict::Found(found, KeyStatus::Valid, usage);
+            }
+            Spent::Unavailable => return Verdict::Found(found, KeyStatus::UsageUnavailable, usage),
+            // Read the row again, as it is now, and judge it again.
+            Spent::Changed => continue,
+        }
     }
-    Verdict::Found(found, status)
+    // The row kept changing under us: fail closed.
+    match store.find_by_hash(hash.as_str(), reading) {
+        Some(found) => Verdict::Found(found, KeyStatus::UsageUnavailable, Usage::default()),
+        None => Verdict::NotFound,
+    }
 }
 
 pub(super) fn verified_user(verdict: Verdict) -> Option<pgrx::Uuid> {
     match verdict {
-        Verdict::Found(found, KeyStatus::Valid) => Some(found.user_id),
+        Verdict::Found(found, KeyStatus::Valid, _) => Some(found.user_id),
         _ => None,
     }
 }
 
-/// The user id of a live key; NULL for anything else. Never raises for any text.
-#[pg_extern(name = "mk_verify", volatile, parallel_unsafe)]
-fn mk_verify_v2(key: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> Option<pgrx::Uuid> {
-    verified_user(verify_key(fcinfo, key, Requirement::None, false))
+/// The required scopes of the 0.3.0 forms: `'{}'`, the default, requires
+/// nothing and reads no scopes; NULL fails closed.
+fn with_required<R>(
+    required_scopes: Option<Array<'_, &str>>,
+    f: impl FnOnce(Requirement<'_>) -> R,
+) -> R {
+    match required_scopes {
+        Some(array) if array.is_empty() => f(Requirement::None),
+        other => with_requirement(other, f),
+    }
 }
 
-/// The user id of a live key that holds every scope in `required_scopes`;
-/// NULL for anything else. Never raises for any text.
+/// The user id of a live key that holds every scope in `required_scopes`
+/// and, if it has credits, could spend `cost` of them; NULL for anything
+/// else. Never raises for any text; a NULL or negative cost is an error.
 #[pg_extern(name = "mk_verify", volatile, parallel_unsafe)]
-fn mk_verify_scoped(
+fn mk_verify_v3(
     key: Option<&str>,
-    required_scopes: Option<Array<&str>>,
+    required_scopes: default!(Option<Array<&str>>, "'{}'"),
+    cost: default!(Option<i32>, 1),
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> Option<pgrx::Uuid> {
-    with_requirement(required_scopes, |requirement| {
-        verified_user(verify_key(fcinfo, key, requirement, false))
+    let cost = checked_cost(cost).unwrap_or_else(|e| e.raise("mk_verify"));
+    with_required(required_scopes, |requirement| {
+        verified_user(verify_key(fcinfo, key, requirement, false, cost))
     })
 }
 
-pub(super) type DetailRow = (
-    String,
-    Option<pgrx::Uuid>,
-    Option<pgrx::Uuid>,
-    Option<String>,
-    Option<String>,
-    Option<TimestampWithTimeZone>,
-    Option<TimestampWithTimeZone>,
-    Option<Vec<String>>,
-    Option<StoredJsonb>,
-);
+/// One row of `mk_verify_detail`, in its column order.
+pub(super) struct Detail {
+    pub(super) status: &'static str,
+    pub(super) key_id: Option<pgrx::Uuid>,
+    pub(super) user_id: Option<pgrx::Uuid>,
+    pub(super) key_prefix: Option<String>,
+    pub(super) name: Option<String>,
+    expires_at: Option<TimestampWithTimeZone>,
+    revoked_at: Option<TimestampWithTimeZone>,
+    scopes: Option<Vec<String>>,
+    metadata: Option<StoredJsonb>,
+    retry_after: Option<Interval>,
+    credits: Option<i32>,
+}
 
-pub(super) fn detail_row(verdict: Verdict) -> DetailRow {
+pub(super) fn detail_of(verdict: Verdict) -> Detail {
     let timestamp = |t: Option<Micros>| t.and_then(|t| TimestampWithTimeZone::try_from(t).ok());
-    let (status, found) = match verdict {
-        Verdict::Malformed => ("malformed", None),
-        Verdict::NotFound => ("not_found", None),
-        Verdict::Found(found, status) => (status.as_str(), Some(found)),
+    let empty = |status: &'static str| Detail {
+        status,
+        key_id: None,
+        user_id: None,
+        key_prefix: None,
+        name: None,
+        expires_at: None,
+        revoked_at: None,
+        scopes: None,
+        metadata: None,
+        retry_after: None,
+        credits: None,
     };
-    let Some(found) = found else {
-        return (
-            status.into(),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        );
-    };
-    (
-        status.into(),
-        Some(found.id),
-        Some(found.user_id),
-        found.key_prefix,
-        found.name,
-        timestamp(found.expires_at),
-        timestamp(found.revoked_at),
-        found.scopes,
-        found.metadata,
-    )
+    match verdict {
+        Verdict::Malformed => empty("malformed"),
+        Verdict::NotFound => empty("not_found"),
+        Verdict::Found(found, status, usage) => Detail {
+            status: status.as_str(),
+            key_id: Some(found.id),
+            user_id: Some(found.user_id),
+            key_prefix: found.key_prefix,
+            name: found.name,
+            expires_at: timestamp(found.expires_at),
+            revoked_at: timestamp(found.revoked_at),
+            scopes: found.scopes,
+            metadata: found.metadata,
+            retry_after: usage
+                .retry_after
+                .map(|micros| Interval::from_micros(micros.max(0))),
+            credits: usage.credits,
+        },
+    }
 }
 
 /// The columns of mk_verify_detail: status, key_id, user_id, key_prefix,
-/// name, expires_at, revoked_at, scopes, metadata.
-const DETAIL_ROW_TYPES: [pg_sys::Oid; 9] = [
+/// name, expires_at, revoked_at, scopes, metadata, then (0.3.0)
+/// retry_after and credits.
+const DETAIL_ROW_TYPES: [pg_sys::Oid; 11] = [
     pg_sys::TEXTOID,
     pg_sys::UUIDOID,
     pg_sys::UUIDOID,
@@ -156,49 +232,68 @@ const DETAIL_ROW_TYPES: [pg_sys::Oid; 9] = [
     pg_sys::TIMESTAMPTZOID,
     pg_sys::TEXTARRAYOID,
     pg_sys::JSONBOID,
+    pg_sys::INTERVALOID,
+    pg_sys::INT4OID,
 ];
 
-fn put_detail_row(row: OneRow<9>, detail: DetailRow) {
-    let (status, key_id, user_id, key_prefix, name, expires_at, revoked_at, scopes, metadata) =
-        detail;
-    let values = [
-        status.into_datum(),
-        key_id.into_datum(),
-        user_id.into_datum(),
-        key_prefix.into_datum(),
-        name.into_datum(),
-        expires_at.into_datum(),
-        revoked_at.into_datum(),
-        scopes.into_datum(),
-        metadata.into_datum(),
-    ];
-    // SAFETY: the values are of DETAIL_ROW_TYPES, which `row` was begun with.
-    unsafe { row.put(values) }
+/// The 0.2.0 row: the first nine columns.
+pub(super) const DETAIL_ROW_TYPES_0_2_0: [pg_sys::Oid; 9] = {
+    let mut types = [pg_sys::InvalidOid; 9];
+    let mut i = 0;
+    while i < 9 {
+        types[i] = DETAIL_ROW_TYPES[i];
+        i += 1;
+    }
+    types
+};
+
+impl Detail {
+    fn values(self) -> [Option<pg_sys::Datum>; 11] {
+        [
+            self.status.into_datum(),
+            self.key_id.into_datum(),
+            self.user_id.into_datum(),
+            self.key_prefix.into_datum(),
+            self.name.into_datum(),
+            self.expires_at.into_datum(),
+            self.revoked_at.into_datum(),
+            self.scopes.into_datum(),
+            self.metadata.into_datum(),
+            self.retry_after.into_datum(),
+            self.credits.into_datum(),
+        ]
+    }
+
+    fn put(self, row: OneRow<11>) {
+        // SAFETY: the values are of DETAIL_ROW_TYPES, which `row` was begun with.
+        unsafe { row.put(self.values()) }
+    }
+
+    /// The 0.2.0 row, without retry_after and credits.
+    pub(super) fn put_0_2_0(self, row: OneRow<9>) {
+        let values = self.values();
+        let mut first = [None; 9];
+        first.copy_from_slice(&values[..9]);
+        // SAFETY: the values are of DETAIL_ROW_TYPES_0_2_0, which `row` was begun with.
+        unsafe { row.put(first) }
+    }
 }
 
-/// Always one row: why a key does or does not verify, and what it holds.
+/// Always one row: why a key does or does not verify, what it holds, and
+/// (for a key with credits) what is left. Spends exactly as `mk_verify`
+/// does with the same arguments.
 #[pg_extern(sql = false)]
-fn mk_verify_detail_v2(key: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) {
-    // SAFETY: our own fcinfo; functions.sql declares rows of these types.
-    let row = unsafe { OneRow::begin(fcinfo, &DETAIL_ROW_TYPES) };
-    put_detail_row(
-        row,
-        detail_row(verify_key(fcinfo, key, Requirement::None, true)),
-    );
-}
-
-/// As `mk_verify_detail(key)`, with status `insufficient_scope` for a live
-/// key that lacks one of `required_scopes`.
-#[pg_extern(sql = false)]
-fn mk_verify_detail_scoped(
+fn mk_verify_detail_v3(
     key: Option<&str>,
     required_scopes: Option<Array<&str>>,
+    cost: Option<i32>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) {
     // SAFETY: our own fcinfo; functions.sql declares rows of these types.
     let row = unsafe { OneRow::begin(fcinfo, &DETAIL_ROW_TYPES) };
-    let detail = with_requirement(required_scopes, |requirement| {
-        detail_row(verify_key(fcinfo, key, requirement, true))
+    let cost = checked_cost(cost).unwrap_or_else(|e| e.raise("mk_verify_detail"));
+    let detail = with_required(required_scopes, |requirement| {
+        detail_of(verify_key(fcinfo, key, requirement, true, cost))
     });
-    put_detail_row(row, detail);
+    detail.put(row);
 }

@@ -26,7 +26,7 @@ mod snapshot;
 mod unguarded;
 mod write_lock;
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 
@@ -36,15 +36,16 @@ use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use pgrx::PgSqlErrorCode;
 
+use crate::clock::timestamp_or_infinity;
 use crate::error::{KeyError, KeyResult};
-use crate::policy::{Lifetime, LIVE_SQL};
+use crate::policy::{Lifetime, Micros, LIVE_SQL};
 use own_table::STATEMENT_MARK;
 use owner::{called_function, with_owner_rights};
 use row::{found_from_row, issued_row};
 pub(crate) use row::{ActiveKey, FoundKey, IssuedRow, NewKey, Reading};
 use snapshot::ReadSnapshot;
 use write_lock::lock_for_write_without_waiting;
-pub(crate) use write_lock::may_write_last_used;
+pub(crate) use write_lock::{may_spend_credits, may_write_last_used};
 
 /// Installs the analysis hook of [`own_table`]; once per backend, from `_PG_init`.
 pub(crate) fn install_statement_guard() {
@@ -53,6 +54,9 @@ pub(crate) fn install_statement_guard() {
 
 /// Channel of the revocation events; the payload is the key id.
 const REVOKED_CHANNEL: &str = "makima_keys_revoked";
+/// Channel of the events of a key whose credits a verification used up;
+/// the payload is the key id.
+const USAGE_CHANNEL: &str = "makima_keys_usage";
 
 /// Plans kept for the life of the backend, or until a schema changes: the
 /// last_used_at write and issuing.
@@ -60,6 +64,39 @@ struct KeptPlans {
     namespace: pg_sys::Oid,
     touch: OwnedPreparedStatement,
     insert: OwnedPreparedStatement,
+    /// 0.3.0 statements, prepared on first use by a 0.3.0 function (their
+    /// columns exist only from 0.3.0 on).
+    spend: OnceCell<OwnedPreparedStatement>,
+    insert_v3: OnceCell<OwnedPreparedStatement>,
+}
+
+/// What spending needs to know of a due refill: the `refilled_at` it was
+/// computed from and the one it moves to.
+#[derive(Clone, Copy)]
+pub(crate) struct DueRefill {
+    pub(crate) from: Micros,
+    pub(crate) to: Micros,
+}
+
+/// Which insert issuing runs.
+#[derive(Clone, Copy)]
+pub(crate) enum Insert {
+    /// The 0.1.0 and 0.2.0 columns, for databases not yet at 0.3.0.
+    Columns0_2,
+    /// Every column; `end_expired`: an expired active key is ended first
+    /// (0.3.0 mk_issue_key), instead of answering 23505.
+    Columns0_3 { end_expired: bool },
+}
+
+/// The outcome of a spend statement.
+pub(crate) enum Spent {
+    /// The credits left after this call.
+    Left(i32),
+    /// The row no longer satisfied the spend when its lock was had
+    /// (revoked, expired, spent or refilled by another transaction).
+    Changed,
+    /// A lock on the table or an index was taken: not waited for.
+    Unavailable,
 }
 
 thread_local! {
@@ -222,6 +259,8 @@ impl Store {
                     namespace: self.namespace,
                     touch,
                     insert,
+                    spend: OnceCell::new(),
+                    insert_v3: OnceCell::new(),
                 });
                 KEPT_PLANS.with(|cell| *cell.borrow_mut() = Some(Rc::clone(&plans)));
                 plans
@@ -302,6 +341,155 @@ impl Store {
         })
     }
 
+    /// Spends `cost` credits of key `id` in the caller's transaction, after
+    /// the refill `refill` if one was due when the key was read. Waits for
+    /// another transaction holding the row (so two can never both spend the
+    /// last credit), never for a table or index lock. Also sets
+    /// `last_used_at`. In REPEATABLE READ or SERIALIZABLE, a row changed
+    /// since the transaction's snapshot raises 40001, as any UPDATE does.
+    pub(crate) fn spend_credits(
+        &self,
+        id: pgrx::Uuid,
+        cost: i32,
+        refill: Option<DueRefill>,
+    ) -> Spent {
+        let table = self.table();
+        // SAFETY: inside the verification's transaction, on our table's oid.
+        if table == pg_sys::InvalidOid || !unsafe { lock_for_write_without_waiting(table) } {
+            return Spent::Unavailable;
+        }
+        let from = refill.map(|r| timestamp_or_infinity(r.from));
+        let to = refill.map(|r| timestamp_or_infinity(r.to));
+        with_owner_rights(self.owner, || {
+            connect_to(table, |client| {
+                self.with_kept_plans(client, |client, plans| {
+                    let spend = plans.spend.get_or_init(|| {
+                        // $3: the refilled_at a due refill was computed from;
+                        // if another transaction refilled first, its credits
+                        // count instead. The key must still be live.
+                        client
+                            .prepare_mut(
+                                &self.sql(
+                                    "UPDATE {api_keys} k
+                                        SET credits = CASE WHEN k.refilled_at = $3
+                                                           THEN k.refill_amount
+                                                           ELSE k.credits END - $2,
+                                            refilled_at = CASE WHEN k.refilled_at = $3
+                                                               THEN $4 ELSE k.refilled_at END,
+                                            last_used_at = pg_catalog.now()
+                                      WHERE k.id = $1 AND {k.live}
+                                        AND (k.expires_at IS NULL
+                                             OR k.expires_at > pg_catalog.clock_timestamp())
+                                        AND CASE WHEN k.refilled_at = $3
+                                                 THEN k.refill_amount
+                                                 ELSE k.credits END >= $2
+                                      RETURNING k.credits",
+                                ),
+                                &oids_of![
+                                    pgrx::Uuid,
+                                    i32,
+                                    TimestampWithTimeZone,
+                                    TimestampWithTimeZone
+                                ],
+                            )
+                            .expect("prepare credit spend")
+                            .keep()
+                    });
+                    let left = client
+                        .update(
+                            spend,
+                            None,
+                            &[id.into(), cost.into(), from.into(), to.into()],
+                        )
+                        .expect("credit spend");
+                    match left.into_iter().next() {
+                        Some(row) => Spent::Left(
+                            row.get::<i32>(1)
+                                .expect("credits")
+                                .expect("credits is not null"),
+                        ),
+                        None => Spent::Changed,
+                    }
+                })
+            })
+        })
+    }
+
+    /// Sends `makima_keys_usage` for key `id`, whose last credit this call
+    /// spent: delivered at commit, never after a rollback (which gives the
+    /// credits back). The row lock of the spend makes this call the only one
+    /// to cross to zero.
+    pub(crate) fn announce_used_up(&self, id: pgrx::Uuid) {
+        if self.events {
+            notify(USAGE_CHANNEL, id);
+        }
+    }
+
+    /// Ends the user's active key if it has expired (`revoked_at` = its
+    /// `expires_at`), announcing it; true if there was one. Runs only after
+    /// an insert met an active key, so it is prepared per call.
+    fn end_expired_active(&self, client: &mut SpiClient<'_>, user_id: pgrx::Uuid) -> bool {
+        let ended = client
+            .update(
+                &self.sql(
+                    "UPDATE {api_keys} SET revoked_at = expires_at
+                      WHERE user_id = $1 AND revoked_at IS NULL
+                        AND expires_at <= pg_catalog.clock_timestamp()
+                      RETURNING id",
+                ),
+                None,
+                &[user_id.into()],
+            )
+            .expect("end expired key");
+        self.announce_revoked(ended.map(|row| row.get::<pgrx::Uuid>(1))) > 0
+    }
+
+    /// The 0.3.0 insert: every column, and ON CONFLICT DO NOTHING on the
+    /// one-active-key-per-user index, so that meeting the user's active key
+    /// leaves the transaction usable. `None`: the user has an active key.
+    fn insert_v3(
+        &self,
+        client: &mut SpiClient<'_>,
+        args: &[DatumWithOid<'_>],
+    ) -> Option<IssuedRow> {
+        self.with_kept_plans(client, |client, plans| {
+            let insert = plans.insert_v3.get_or_init(|| {
+                // A key that refills starts its schedule now, or (rotation)
+                // keeps the one of the key it replaces.
+                client
+                    .prepare_mut(
+                        &self.sql(
+                            "INSERT INTO {api_keys}
+                                    (user_id, key_hash, key_prefix, name, expires_at, scopes,
+                                     metadata, credits, refill_amount, refill_every, refilled_at)
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+                                     CASE WHEN $10::interval IS NOT NULL
+                                          THEN COALESCE($11, pg_catalog.now()) END)
+                             ON CONFLICT (user_id) WHERE revoked_at IS NULL DO NOTHING
+                             RETURNING id, created_at",
+                        ),
+                        &oids_of![
+                            pgrx::Uuid,
+                            String,
+                            String,
+                            String,
+                            TimestampWithTimeZone,
+                            Vec<String>,
+                            crate::jsonb::StoredJsonb,
+                            i32,
+                            i32,
+                            Interval,
+                            TimestampWithTimeZone
+                        ],
+                    )
+                    .expect("prepare key insert")
+                    .keep()
+            });
+            let inserted = client.update(insert, None, args).expect("insert key");
+            (!inserted.is_empty()).then(|| issued_row(inserted))
+        })
+    }
+
     /// Inserts a new active key. If the user already has one, raises
     /// `KeyError::ActiveKeyExists` for `function`.
     ///
@@ -319,9 +507,11 @@ impl Store {
         key_hash: &str,
         key_prefix: &str,
         new: NewKey<'_>,
+        how: Insert,
         function: &'static str,
     ) -> IssuedRow {
-        let insert = AssertUnwindSafe(|| self.insert_row(user_id, key_hash, key_prefix, new));
+        let insert =
+            AssertUnwindSafe(|| self.insert_row(user_id, key_hash, key_prefix, new, how, function));
         PgTryBuilder::new(insert)
             .catch_when(PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION, |_| {
                 KeyError::ActiveKeyExists { user_id }.raise(function)
@@ -335,9 +525,37 @@ impl Store {
         key_hash: &str,
         key_prefix: &str,
         new: NewKey<'_>,
+        how: Insert,
+        function: &'static str,
     ) -> IssuedRow {
         self.connect(|client| {
-            if new.has_options() {
+            if let Insert::Columns0_3 { end_expired } = how {
+                let (refill_amount, refill_every) = new.refill.unzip();
+                let args: [DatumWithOid; 11] = [
+                    user_id.into(),
+                    key_hash.into(),
+                    key_prefix.into(),
+                    new.name.into(),
+                    new.expires_at.into(),
+                    new.scopes.into(),
+                    new.metadata.into(),
+                    new.credits.into(),
+                    refill_amount.into(),
+                    refill_every.into(),
+                    new.refilled_at.into(),
+                ];
+                if let Some(row) = self.insert_v3(client, &args) {
+                    return row;
+                }
+                // The user has an active key: if it has expired, it ends
+                // and the insert is tried once more.
+                if end_expired && self.end_expired_active(client, user_id) {
+                    if let Some(row) = self.insert_v3(client, &args) {
+                        return row;
+                    }
+                }
+                KeyError::ActiveKeyExists { user_id }.raise(function)
+            } else if new.has_options() {
                 let args: [DatumWithOid; 7] = [
                     user_id.into(),
                     key_hash.into(),
@@ -379,31 +597,42 @@ impl Store {
     }
 
     /// Ends the user's live keys as [`Store::end_user_keys`] does, and returns
-    /// what the active one held, for the rotation to pass on. 0.2.0 only.
+    /// what the active one held, for the rotation to pass on. 0.2.0 and later;
+    /// `with_credits` (0.3.0) also moves the active key's credits: they are
+    /// returned for the new key, and the old one keeps none (so that a
+    /// rotation never doubles a budget, even in a grace period).
     ///
-    /// One statement, so that two rotations racing behave as in 0.1.0: the
-    /// second waits for the first's row lock, then finds nothing live in its
-    /// snapshot, and its insert meets the first's new key (23505).
+    /// One statement ends the keys, so that two rotations racing behave as in
+    /// 0.1.0: the second waits for the first's row lock, then finds nothing
+    /// live in its snapshot, and its insert meets the first's new key (23505).
     pub(crate) fn end_user_keys_inheriting(
         &self,
         user_id: pgrx::Uuid,
         grace: Option<Interval>,
+        with_credits: bool,
     ) -> Option<ActiveKey> {
         let grace = grace.unwrap_or_else(|| Interval::from_micros(0));
+        // The credit columns in RETURNING are the row as locked, after any
+        // concurrent spend (this UPDATE sets none of them).
+        let credit_columns = if with_credits {
+            ", k.credits, k.refill_amount, k.refill_every, k.refilled_at"
+        } else {
+            ""
+        };
         self.connect(|client| {
             // Joined to itself: `old` shows the row as it was before this update.
             let ended = client
                 .update(
-                    &self.sql(
-                        "UPDATE {api_keys} k
+                    &self.sql(&format!(
+                        "UPDATE {{api_keys}} k
                             SET revoked_at = LEAST(COALESCE(k.revoked_at, 'infinity'),
                                                    pg_catalog.now() + $2)
-                           FROM {api_keys} old
+                           FROM {{api_keys}} old
                           WHERE old.id = k.id AND k.user_id = $1
-                            AND {k.live}
+                            AND {{k.live}}
                           RETURNING k.id, old.revoked_at IS NULL, k.scopes, k.metadata,
-                                    k.expires_at, k.created_at",
-                    ),
+                                    k.expires_at, k.created_at{credit_columns}"
+                    )),
                     None,
                     &[user_id.into(), grace.into()],
                 )
@@ -411,23 +640,59 @@ impl Store {
             let mut active = None;
             let mut ids = Vec::new();
             for row in ended {
-                ids.push(row.get::<pgrx::Uuid>(1));
+                let id = row
+                    .get::<pgrx::Uuid>(1)
+                    .expect("key id")
+                    .expect("key id is not null");
                 if row.get::<bool>(2).expect("was active") == Some(true) {
                     let scopes: Option<Vec<Option<String>>> = row.get(3).expect("scopes");
                     let expires_at: Option<TimestampWithTimeZone> = row.get(5).expect("expires_at");
                     let created_at: Option<TimestampWithTimeZone> = row.get(6).expect("created_at");
-                    active = Some(ActiveKey {
-                        scopes: scopes.map(|s| s.into_iter().flatten().collect()),
-                        metadata: row.get(4).expect("metadata"),
-                        lifetime: expires_at.zip(created_at).map(|(e, c)| Lifetime {
-                            created_at: c.into(),
-                            expires_at: e.into(),
-                        }),
-                    });
+                    let (credits, refill_amount, refill_every, refilled_at) = if with_credits {
+                        (
+                            row.get::<i32>(7).expect("credits"),
+                            row.get::<i32>(8).expect("refill_amount"),
+                            row.get::<Interval>(9).expect("refill_every"),
+                            row.get::<TimestampWithTimeZone>(10).expect("refilled_at"),
+                        )
+                    } else {
+                        (None, None, None, None)
+                    };
+                    active = Some((
+                        id,
+                        ActiveKey {
+                            scopes: scopes.map(|s| s.into_iter().flatten().collect()),
+                            metadata: row.get(4).expect("metadata"),
+                            lifetime: expires_at.zip(created_at).map(|(e, c)| Lifetime {
+                                created_at: c.into(),
+                                expires_at: e.into(),
+                            }),
+                            credits,
+                            refill: refill_amount.zip(refill_every),
+                            refilled_at,
+                        },
+                    ));
                 }
+                ids.push(Ok(Some(id)));
             }
             self.announce_revoked(ids.into_iter());
-            active
+            let (id, active) = active?;
+            if active.credits.is_some() {
+                // Locked by the UPDATE above: nothing can spend in between.
+                client
+                    .update(
+                        &self.sql(
+                            "UPDATE {api_keys}
+                                SET credits = 0, refill_amount = NULL, refill_every = NULL,
+                                    refilled_at = NULL
+                              WHERE id = $1",
+                        ),
+                        None,
+                        &[id.into()],
+                    )
+                    .expect("move credits");
+            }
+            Some(active)
         })
     }
 
@@ -513,12 +778,17 @@ fn connect_to<R>(table: pg_sys::Oid, f: impl FnOnce(&mut SpiClient<'_>) -> R) ->
 /// `pg_notify('makima_keys_revoked', id)`: PostgreSQL delivers it when (and
 /// only if) the transaction commits.
 fn announce(id: pgrx::Uuid) {
+    notify(REVOKED_CHANNEL, id);
+}
+
+/// `pg_notify(channel, id)`.
+fn notify(channel: &str, id: pgrx::Uuid) {
     let payload = id.to_string();
     // SAFETY: pg_notify with two text arguments, as SQL calls it.
     unsafe {
         pgrx::direct_function_call_as_datum(
             pg_sys::pg_notify,
-            &[REVOKED_CHANNEL.into_datum(), payload.as_str().into_datum()],
+            &[channel.into_datum(), payload.as_str().into_datum()],
         );
     }
 }

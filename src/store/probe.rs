@@ -2,15 +2,16 @@
 //! straight through the access methods, without SPI or the executor.
 //!
 //! This is what an executor index scan node does for `WHERE key_hash = $1`,
-//! minus planning, plan caching and executor start-up, which cost several
-//! times the probe itself. Visibility: see [`ReadSnapshot`].
+//! minus planning, plan caching and executor start-up, which cost more than
+//! the probe itself (docs/benchmark.md has the numbers). Visibility: see
+//! [`ReadSnapshot`].
 
 use std::cell::Cell;
 use std::ffi::CStr;
 
 use pgrx::prelude::*;
 
-use super::row::{FoundKey, Reading};
+use super::row::{credits_of, FoundKey, Reading};
 use super::snapshot::ReadSnapshot;
 use super::unguarded;
 use crate::jsonb::StoredJsonb;
@@ -33,6 +34,11 @@ struct Columns {
     expires_at: Option<usize>,
     scopes: Option<usize>,
     metadata: Option<usize>,
+    // 0.3.0, read by every verification when they exist.
+    credits: Option<usize>,
+    refill_amount: Option<usize>,
+    refill_every: Option<usize>,
+    refilled_at: Option<usize>,
 }
 
 impl Columns {
@@ -43,7 +49,11 @@ impl Columns {
             .max(self.user_id)
             .max(self.last_used_at)
             .max(self.revoked_at)
-            .max(self.expires_at.unwrap_or(0));
+            .max(self.expires_at.unwrap_or(0))
+            .max(self.credits.unwrap_or(0))
+            .max(self.refill_amount.unwrap_or(0))
+            .max(self.refill_every.unwrap_or(0))
+            .max(self.refilled_at.unwrap_or(0));
         if reading.labels {
             last = last
                 .max(self.key_prefix)
@@ -104,6 +114,10 @@ unsafe fn columns(tupdesc: pg_sys::TupleDesc) -> Option<Columns> {
             expires_at: optional("expires_at", pg_sys::TIMESTAMPTZOID)?,
             scopes: optional("scopes", pg_sys::TEXTARRAYOID)?,
             metadata: optional("metadata", pg_sys::JSONBOID)?,
+            credits: optional("credits", pg_sys::INT4OID)?,
+            refill_amount: optional("refill_amount", pg_sys::INT4OID)?,
+            refill_every: optional("refill_every", pg_sys::INTERVALOID)?,
+            refilled_at: optional("refilled_at", pg_sys::TIMESTAMPTZOID)?,
         })
     }
 }
@@ -375,7 +389,8 @@ unsafe fn read_row(
     cols: &Columns,
     reading: Reading,
 ) -> FoundKey {
-    // SAFETY: values and nulls are the slot's, valid while the tuple stays pinned, which the caller guarantees.
+    // SAFETY: values and nulls are the slot's, valid while the tuple stays
+    // pinned, which the caller guarantees.
     unsafe {
         let uuid = |i: usize| {
             pgrx::Uuid::from_datum(values[i], nulls[i]).expect("uuid column is not null")
@@ -396,6 +411,17 @@ unsafe fn read_row(
             .metadata
             .filter(|_| reading.labels)
             .and_then(|i| StoredJsonb::from_datum(values[i], nulls[i]));
+        let int = |i: Option<usize>| i.and_then(|i| i32::from_datum(values[i], nulls[i]));
+        // Most keys have no credits: their refill columns are not read.
+        let credits = int(cols.credits).and_then(|credits| {
+            credits_of(
+                Some(credits),
+                int(cols.refill_amount),
+                cols.refill_every
+                    .and_then(|i| Interval::from_datum(values[i], nulls[i])),
+                cols.refilled_at.and_then(timestamp),
+            )
+        });
         FoundKey {
             id: uuid(cols.id),
             user_id: uuid(cols.user_id),
@@ -406,6 +432,7 @@ unsafe fn read_row(
             expires_at: cols.expires_at.and_then(timestamp),
             scopes,
             metadata,
+            credits,
         }
     }
 }

@@ -4,7 +4,7 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiHeapTupleData;
 
 use crate::jsonb::StoredJsonb;
-use crate::policy::{Lifetime, Micros};
+use crate::policy::{Credits, Every, Lifetime, Micros};
 
 /// What a lookup should read beyond the columns every verification needs.
 #[derive(Debug, Clone, Copy)]
@@ -27,6 +27,33 @@ pub(crate) struct FoundKey {
     /// Read only when asked for; `None` also means "unrestricted".
     pub(crate) scopes: Option<Vec<String>>,
     pub(crate) metadata: Option<StoredJsonb>,
+    /// `None`: the key has no credits (unlimited), or the 0.3.0 columns do
+    /// not exist yet.
+    pub(crate) credits: Option<Credits>,
+}
+
+/// The credits of a row from its four columns: a key has credits when
+/// `credits` is set, and refills when the three refill columns are.
+pub(super) fn credits_of(
+    credits: Option<i32>,
+    refill_amount: Option<i32>,
+    refill_every: Option<Interval>,
+    refilled_at: Option<Micros>,
+) -> Option<Credits> {
+    let remaining = credits?;
+    let refill = match (refill_amount, refill_every, refilled_at) {
+        (Some(amount), Some(every), Some(at)) => Some((amount, every_of(every), at)),
+        _ => None,
+    };
+    Some(Credits { remaining, refill })
+}
+
+pub(crate) fn every_of(interval: Interval) -> Every {
+    Every {
+        months: interval.months(),
+        days: interval.days(),
+        micros: interval.micros(),
+    }
 }
 
 pub(crate) struct IssuedRow {
@@ -40,11 +67,19 @@ pub(crate) struct NewKey<'a> {
     pub(crate) expires_at: Option<TimestampWithTimeZone>,
     pub(crate) scopes: Option<Vec<String>>,
     pub(crate) metadata: Option<StoredJsonb>,
+    /// 0.3.0: the starting credits, the refill (amount, period), and when
+    /// its schedule started (`None`: now).
+    pub(crate) credits: Option<i32>,
+    pub(crate) refill: Option<(i32, Interval)>,
+    pub(crate) refilled_at: Option<TimestampWithTimeZone>,
 }
 
 impl NewKey<'_> {
     pub(super) fn has_options(&self) -> bool {
-        self.expires_at.is_some() || self.scopes.is_some() || self.metadata.is_some()
+        self.expires_at.is_some()
+            || self.scopes.is_some()
+            || self.metadata.is_some()
+            || self.credits.is_some()
     }
 }
 
@@ -54,6 +89,11 @@ pub(crate) struct ActiveKey {
     pub(crate) metadata: Option<StoredJsonb>,
     /// When it was issued and when it expires, if it does.
     pub(crate) lifetime: Option<Lifetime>,
+    /// Its remaining credits and refill, which move to the new key.
+    pub(crate) credits: Option<i32>,
+    pub(crate) refill: Option<(i32, Interval)>,
+    /// When it was last refilled: the new key refills on the same schedule.
+    pub(crate) refilled_at: Option<TimestampWithTimeZone>,
 }
 
 /// The row an `INSERT ... RETURNING id, created_at` made.
@@ -95,5 +135,11 @@ pub(super) fn found_from_row(row: &SpiHeapTupleData<'_>, reading: Reading) -> Fo
             .filter(|_| reading.scopes)
             .map(|s| s.into_iter().flatten().collect()),
         metadata: optional(row, "metadata").filter(|_| reading.labels),
+        credits: credits_of(
+            optional(row, "credits"),
+            optional(row, "refill_amount"),
+            optional(row, "refill_every"),
+            micros("refilled_at"),
+        ),
     }
 }

@@ -26,6 +26,15 @@ pub(crate) fn may_write_last_used() -> bool {
     }
 }
 
+/// Whether this call may spend a key's credits, which updates its row in the
+/// caller's transaction, inside a transaction block too: not in parallel
+/// mode, a read-only transaction or on a standby, where the UPDATE would
+/// raise. Such a call fails closed (`usage_unavailable`).
+pub(crate) fn may_spend_credits() -> bool {
+    // SAFETY: reads backend-local transaction state.
+    unsafe { !pg_sys::IsInParallelMode() && !pg_sys::XactReadOnly && !pg_sys::RecoveryInProgress() }
+}
+
 /// Takes `RowExclusiveLock` on `table`, its indexes, its TOAST table and
 /// that table's index only if each is free at once; false (the write is
 /// skipped) if any is not. The UPDATE then finds every lock it needs

@@ -212,7 +212,7 @@ def keys_schema_db(role, new_db):
         su.execute("CREATE SCHEMA keys")
         su.execute("CREATE EXTENSION makima_keys SCHEMA keys")
         su.execute(f'GRANT USAGE ON SCHEMA keys TO "{verifier}"')
-        su.execute(f'GRANT EXECUTE ON FUNCTION keys.mk_verify(text), keys.mk_verify(text, text[]) TO "{verifier}"')
+        su.execute(f'GRANT EXECUTE ON FUNCTION keys.mk_verify(text, text[], integer) TO "{verifier}"')
     return name, owner, verifier
 
 
@@ -226,7 +226,8 @@ def plant_look_alike(db, owner, schema):
                 id uuid PRIMARY KEY DEFAULT gen_random_uuid(), user_id uuid NOT NULL,
                 key_hash varchar(64) NOT NULL, key_prefix varchar(16) NOT NULL, name varchar(255),
                 last_used_at timestamptz, created_at timestamptz NOT NULL DEFAULT now(),
-                revoked_at timestamptz, expires_at timestamptz, scopes text[], metadata jsonb);
+                revoked_at timestamptz, expires_at timestamptz, scopes text[], metadata jsonb,
+                credits integer, refill_amount integer, refill_every interval, refilled_at timestamptz);
             CREATE TABLE {schema}.spied (who text);
             GRANT INSERT ON {schema}.spied TO PUBLIC;
             GRANT USAGE ON SCHEMA {schema} TO PUBLIC;

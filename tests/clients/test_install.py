@@ -55,9 +55,16 @@ COLUMNS_0_2_0 = [
     ("scopes", "text[]", False, None),
     ("metadata", "jsonb", False, None),
 ]
+# And what 0.3.0 adds after those.
+COLUMNS_0_3_0 = [
+    ("credits", "integer", False, None),
+    ("refill_amount", "integer", False, None),
+    ("refill_every", "interval", False, None),
+    ("refilled_at", "timestamp with time zone", False, None),
+]
 
 
-def test_fresh_install_has_exactly_the_seed_schema_plus_one_index_and_three_columns(new_db):
+def test_fresh_install_has_exactly_the_seed_schema_plus_one_index_and_seven_columns(new_db):
     seeded, installed = new_db(), new_db()
     with connect(seeded) as conn:
         run_seed(conn)
@@ -66,11 +73,11 @@ def test_fresh_install_has_exactly_the_seed_schema_plus_one_index_and_three_colu
         conn.execute(USERS_DDL)
         conn.execute("CREATE EXTENSION makima_keys")
         actual = shape(conn)
-    assert actual["columns"] == expected["columns"] + COLUMNS_0_2_0
+    assert actual["columns"] == expected["columns"] + COLUMNS_0_2_0 + COLUMNS_0_3_0
     assert actual["constraints"] == expected["constraints"]
     seed_comments = len(expected["comments"])
     assert actual["comments"][:seed_comments] == expected["comments"]
-    assert [c[0] for c in actual["comments"][seed_comments:]] == [9, 10, 11]
+    assert [c[0] for c in actual["comments"][seed_comments:]] == [9, 10, 11, 12, 13, 14, 15]
     ours = ("idx_api_keys_key_hash_unique",
             "CREATE UNIQUE INDEX idx_api_keys_key_hash_unique ON public.api_keys USING btree (key_hash)")
     assert actual["indexes"] == sorted(expected["indexes"] + [ours])

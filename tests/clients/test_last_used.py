@@ -76,6 +76,9 @@ def test_verification_on_a_hot_standby(db):
             with connect(db) as primary:
                 primary.execute("SET makima_keys.last_used_interval = 0")
                 user, key_id, key = issue(primary)
+                credited_user = add_user(primary)
+                credited = primary.execute("SELECT key FROM mk_issue_key(%s, credits => 5)",
+                                           (credited_user,)).fetchone()[0]
                 lsn = primary.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
             with psycopg.connect(conninfo(db, port=standby_port), autocommit=True) as standby:
                 wait_for_replay(standby, lsn)
@@ -84,6 +87,12 @@ def test_verification_on_a_hot_standby(db):
                 assert standby.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0] == user
                 assert standby.execute("SELECT status FROM mk_verify_detail(%s)", (key,)).fetchone()[0] == "valid"
                 assert standby.execute("SELECT last_used_at FROM api_keys WHERE id = %s", (key_id,)).fetchone()[0] is None
+                # A key with credits cannot spend them on a standby: it fails
+                # closed, and a peek (cost => 0) still answers.
+                assert standby.execute("SELECT status, credits FROM mk_verify_detail(%s)",
+                                       (credited,)).fetchone() == ("usage_unavailable", 5)
+                assert standby.execute("SELECT mk_verify(%s)", (credited,)).fetchone()[0] is None
+                assert standby.execute("SELECT mk_verify(%s, cost => 0)", (credited,)).fetchone()[0] == credited_user
                 with connect(db) as primary:
                     primary.execute("SELECT mk_revoke(%s)", (key_id,))
                     lsn = primary.execute("SELECT pg_current_wal_lsn()").fetchone()[0]

@@ -23,10 +23,11 @@ CHANNEL = "makima_keys_revoked"
 
 ISSUE_COLUMNS = ["id", "key", "key_prefix", "created_at"]
 DETAIL_COLUMNS = ["status", "key_id", "user_id", "key_prefix", "name",
-                  "expires_at", "revoked_at", "scopes", "metadata"]
+                  "expires_at", "revoked_at", "scopes", "metadata", "retry_after", "credits"]
 LEGACY_DETAIL_COLUMNS = DETAIL_COLUMNS[:5]
 LISTING_COLUMNS = ["id", "user_id", "key_prefix", "name", "created_at", "last_used_at",
-                   "expires_at", "revoked_at", "scopes", "metadata", "status"]
+                   "expires_at", "revoked_at", "scopes", "metadata", "status",
+                   "credits", "refill_amount", "refill_every", "refilled_at"]
 SEED_COLUMNS = ["id", "user_id", "key_hash", "key_prefix", "name", "last_used_at", "created_at", "revoked_at"]
 
 # Keys that are live at the moment of the query, by the rules of 0.2.0.
@@ -162,6 +163,11 @@ def test_fresh_install_adds_three_nullable_columns_after_the_seed_columns(db, ne
             ("expires_at", "timestamp with time zone", False, None),
             ("scopes", "text[]", False, None),
             ("metadata", "jsonb", False, None),
+            # 0.3.0
+            ("credits", "integer", False, None),
+            ("refill_amount", "integer", False, None),
+            ("refill_every", "interval", False, None),
+            ("refilled_at", "timestamp with time zone", False, None),
         ]
         indexes = dict(conn.execute(INDEXES).fetchall())
         for name, definition in seed_indexes:
@@ -760,13 +766,15 @@ def test_mk_keys_lists_every_key_with_its_status_and_no_hash(db):
         cur = conn.execute("SELECT * FROM mk_keys")
         assert [c.name for c in cur.description] == LISTING_COLUMNS
         listed = {r[0]: r for r in cur.fetchall()}
-        assert {i: r[-1] for i, r in listed.items()} == {
+        status_at = LISTING_COLUMNS.index("status")
+        assert {i: r[status_at] for i, r in listed.items()} == {
             revoked_id: "revoked", grace_id: "valid", current_id: "valid", expired_id: "expired", plain_id: "valid"}
         # Each row shows the stored values.
         table = conn.execute(
-            "SELECT id, user_id, key_prefix, name, created_at, last_used_at, expires_at, revoked_at, scopes, metadata"
-            " FROM api_keys").fetchall()
-        assert {i: tuple(r[:-1]) for i, r in listed.items()} == {r[0]: tuple(r) for r in table}
+            "SELECT id, user_id, key_prefix, name, created_at, last_used_at, expires_at, revoked_at, scopes, metadata,"
+            " credits, refill_amount, refill_every, refilled_at FROM api_keys").fetchall()
+        assert {i: tuple(r[:status_at] + r[status_at + 1:]) for i, r in listed.items()} == {
+            r[0]: tuple(r) for r in table}
         assert listed[plain_id][5] is not None
         assert listed[expired_id][8:10] == (["read"], {"team": "x"})
         # No hash, under any name.
@@ -796,7 +804,7 @@ def test_mk_keys_and_api_keys_are_private_until_select_is_granted(role, db):
         cur = conn.execute("SELECT * FROM mk_keys WHERE user_id = %s", (user,))
         assert [c.name for c in cur.description] == LISTING_COLUMNS
         rows = cur.fetchall()
-        assert [(r[0], r[-1]) for r in rows] == [(key_id, "valid")]
+        assert [(r[0], r[LISTING_COLUMNS.index("status")]) for r in rows] == [(key_id, "valid")]
         # SELECT on the listing gives nothing else.
         assert sqlstate_of(conn, "SELECT key_hash FROM api_keys") == "42501"
         # 42501, or 55000 if the view is not updatable at all.
@@ -840,9 +848,9 @@ def test_a_fresh_role_may_call_nothing_but_the_two_pure_functions(role, db):
                  CROSS JOIN aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
                 WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE'""").fetchall()}
         assert public_execute == {"mk_hash_key(text)", "mk_key_is_well_formed(text)"}
-        signatures = ["mk_verify(text,text[])", "mk_verify_detail(text,text[])", "mk_revoke_key(text)",
-                      "mk_issue_key(uuid,text,interval,text[],jsonb)",
-                      "mk_rotate_key(uuid,text,interval,text[],jsonb,interval)"]
+        signatures = ["mk_verify(text,text[],integer)", "mk_verify_detail(text,text[],integer)",
+                      "mk_revoke_key(text)", "mk_issue_key(uuid,text,interval,text[],jsonb,integer,integer,interval)",
+                      "mk_rotate_key(uuid,text,interval,text[],jsonb,interval,integer,integer,interval)"]
         for signature in signatures:
             assert su.execute("SELECT has_function_privilege(%s, %s, 'EXECUTE')",
                               (nobody, signature)).fetchone()[0] is False, signature
@@ -865,11 +873,16 @@ def test_a_fresh_role_may_call_nothing_but_the_two_pure_functions(role, db):
 LEGACY_GRANTS = ('GRANT EXECUTE ON FUNCTION mk_verify(text), mk_verify_detail(text), mk_issue_key(uuid, text),'
                  ' mk_rotate_key(uuid, text) TO "{role}"')
 # The same grants on the 0.2.0 signatures of those functions.
-CURRENT_GRANTS = ('GRANT EXECUTE ON FUNCTION mk_verify(text), mk_verify_detail(text),'
-                  ' mk_issue_key(uuid, text, interval, text[], jsonb),'
-                  ' mk_rotate_key(uuid, text, interval, text[], jsonb, interval) TO "{role}"')
+V020_GRANTS = ('GRANT EXECUTE ON FUNCTION mk_verify(text), mk_verify_detail(text),'
+               ' mk_issue_key(uuid, text, interval, text[], jsonb),'
+               ' mk_rotate_key(uuid, text, interval, text[], jsonb, interval) TO "{role}"')
+# And on their 0.3.0 signatures, which replace every form of 0.2.0.
+CURRENT_GRANTS = ('GRANT EXECUTE ON FUNCTION mk_verify(text, text[], integer), mk_verify_detail(text, text[], integer),'
+                  ' mk_issue_key(uuid, text, interval, text[], jsonb, integer, integer, interval),'
+                  ' mk_rotate_key(uuid, text, interval, text[], jsonb, interval, integer, integer, interval)'
+                  ' TO "{role}"')
 # The version this build installs; updates go to it through every script.
-CURRENT_VERSION = "0.2.1"
+CURRENT_VERSION = "0.3.0"
 UPDATE = "ALTER EXTENSION makima_keys UPDATE"
 SEED_ROWS = f"SELECT {', '.join(SEED_COLUMNS)} FROM api_keys ORDER BY id"
 
@@ -957,7 +970,8 @@ def test_update_from_0_1_0_keeps_every_key_and_grant_and_adds_the_new_surface(ro
         assert su.execute(SEED_ROWS).fetchall() == before
         assert su.execute("SELECT count(*) FROM api_keys WHERE expires_at IS NOT NULL OR scopes IS NOT NULL"
                           " OR metadata IS NOT NULL").fetchone()[0] == 0
-        assert [r[0] for r in su.execute(COLUMNS).fetchall()] == SEED_COLUMNS + ["expires_at", "scopes", "metadata"]
+        assert [r[0] for r in su.execute(COLUMNS).fetchall()] == SEED_COLUMNS + [
+            "expires_at", "scopes", "metadata", "credits", "refill_amount", "refill_every", "refilled_at"]
         for key, user in live.items():
             assert verify(su, key) == user
             # Keys of 0.1.0 have no scopes: they are unrestricted.
@@ -980,10 +994,14 @@ def test_update_from_0_1_0_keeps_every_key_and_grant_and_adds_the_new_surface(ro
         first = cur.fetchone()[1]
         second = conn.execute("SELECT key FROM mk_rotate_key(%s, scopes => '{read}')", (spare,)).fetchone()[0]
         assert (verify(conn, first), verify(conn, second)) == (None, spare)
+        # 0.3.0 has one mk_verify and one mk_verify_detail: the grant of the
+        # one-argument forms carries to it, scopes included (a requirement
+        # only refuses more).
+        assert conn.execute("SELECT mk_verify(%s::text, '{read}'::text[])", (second,)).fetchone()[0] == spare
+        assert conn.execute("SELECT status FROM mk_verify_detail(%s::text, '{write}'::text[])",
+                            (second,)).fetchone()[0] == "insufficient_scope"
         outcomes = {}
-        for sql in ("SELECT mk_verify(%(k)s::text, '{read}'::text[])",
-                    "SELECT * FROM mk_verify_detail(%(k)s::text, '{read}'::text[])",
-                    "SELECT mk_revoke_key(%(k)s::text)", "SELECT * FROM mk_keys", "SELECT * FROM api_keys",
+        for sql in ("SELECT mk_revoke_key(%(k)s::text)", "SELECT * FROM mk_keys", "SELECT * FROM api_keys",
                     "SELECT mk_revoke_user_keys(%(u)s)"):
             outcomes[sql] = sqlstate_of(conn, sql, {"k": second, "u": spare})
         assert outcomes == {sql: "42501" for sql in outcomes}
@@ -1149,6 +1167,9 @@ def run(*args):
 
 
 EVERY_ROW = "SELECT to_jsonb(k)::text FROM api_keys k ORDER BY id"
+# The same without the 0.3.0 columns, to compare rows across the update to 0.3.0.
+EVERY_ROW_BEFORE_0_3_0 = """SELECT (to_jsonb(k) - ARRAY['credits', 'refill_amount', 'refill_every', 'refilled_at'])::text
+                              FROM api_keys k ORDER BY id"""
 
 
 def test_an_updated_database_dumps_and_restores_with_its_keys_and_grants(role, new_db, tmp_path):
@@ -1177,8 +1198,11 @@ def test_an_updated_database_dumps_and_restores_with_its_keys_and_grants(role, n
     with connect(restored, user=app) as conn:
         for key, user in live.items():
             assert verify(conn, key) == user
-        # Exactly the grants of the source: none on the new functions.
-        assert sqlstate_of(conn, "SELECT mk_verify(%s::text, '{read}'::text[])", (new_key,)) == "42501"
+        # Exactly the grants of the source: none on the new functions (the
+        # one 0.3.0 mk_verify carries the grant of mk_verify(text), scopes
+        # included).
+        assert sqlstate_of(conn, "SELECT mk_revoke_key(%s::text)", (new_key,)) == "42501"
+        assert verify(conn, new_key, ["read"]) == newcomer
         assert conn.execute("SELECT key FROM mk_rotate_key(%s)", (newcomer,)).fetchone()[0]
 
 
@@ -1274,7 +1298,7 @@ def test_update_from_0_2_0_keeps_every_key_and_grant_and_adds_the_restore_call(r
         su.execute(USERS_DDL)
         su.execute("CREATE EXTENSION makima_keys VERSION '0.2.0'")
         assert extversion(su) == "0.2.0"
-        su.execute(CURRENT_GRANTS.format(role=app))
+        su.execute(V020_GRANTS.format(role=app))
         plain_user, scoped_user, rotated_user, revoked_user = (add_user(su) for _ in range(4))
         keys = {"plain": issue(su, plain_user)[1],
                 "scoped": issue(su, scoped_user, expires_in="30 days", scopes=["read"],
@@ -1283,13 +1307,20 @@ def test_update_from_0_2_0_keeps_every_key_and_grant_and_adds_the_restore_call(r
         keys["rotated"] = rotate(su, rotated_user, grace="1 day")[1]
         keys["revoked"] = issue(su, revoked_user)[1]
         su.execute("SELECT mk_revoke_user_keys(%s)", (revoked_user,))
-        answers = lambda: {name: (verify(su, key), su.execute(  # noqa: E731
-            "SELECT * FROM mk_verify_detail(%s, '{read}')", (key,)).fetchall()) for name, key in keys.items()}
-        before, rows = answers(), su.execute(EVERY_ROW).fetchall()
+        # The nine columns of 0.2.0; 0.3.0 adds retry_after and credits, both
+        # NULL for these keys (checked after the update).
+        answers = lambda: {name: (verify(su, key), [row[:9] for row in su.execute(  # noqa: E731
+            "SELECT * FROM mk_verify_detail(%s, '{read}')", (key,)).fetchall()]) for name, key in keys.items()}
+        before, rows = answers(), su.execute(EVERY_ROW_BEFORE_0_3_0).fetchall()
         su.execute(UPDATE)
         assert extversion(su) == CURRENT_VERSION
         assert answers() == before
-        assert su.execute(EVERY_ROW).fetchall() == rows
+        assert su.execute(EVERY_ROW_BEFORE_0_3_0).fetchall() == rows
+        assert su.execute("SELECT count(*) FROM api_keys WHERE num_nonnulls(credits, refill_amount,"
+                          " refill_every, refilled_at) > 0").fetchone()[0] == 0
+        for key in keys.values():
+            assert su.execute("SELECT retry_after, credits FROM mk_verify_detail(%s)", (key,)).fetchone() == (
+                None, None)
         assert not su.execute("SELECT has_function_privilege(%s, 'mk_restore_user_foreign_key()', 'EXECUTE')",
                               (app,)).fetchone()[0]
         assert su.execute("SELECT mk_restore_user_foreign_key()").fetchone()[0] is False  # the key is there

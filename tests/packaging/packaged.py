@@ -11,7 +11,7 @@ import psycopg
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PORT = str(int(os.environ.get("PGPORT", "26329")) + 6)
-VERSION = "0.2.1"
+VERSION = "0.3.0"
 # The library, and the scripts that install and update every shipped version.
 LIBRARY = "makima_keys.so"
 EXTENSION_FILES = ["makima_keys.control", "makima_keys--0.2.1.sql", "makima_keys--0.2.0.sql",

@@ -26,7 +26,7 @@ BASE_PORT = int(os.environ.get("PGPORT", "26329")) + 7
 USERS_DDL = "CREATE TABLE users (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), email text)"
 # The README's filter for dumps of Debian's PostgreSQL 15 (Operations).
 PG_ATTVER = re.compile(r"^ALTER TABLE ONLY .* ALTER COLUMN .* SET \(pg_attver=[0-9]+\);\n", re.M)
-GRANTS = "GRANT EXECUTE ON FUNCTION mk_verify(text), mk_verify(text, text[]) TO mk_upgrade_app"
+GRANTS = "GRANT EXECUTE ON FUNCTION mk_verify(text, text[], integer) TO mk_upgrade_app"
 
 
 def run(*args, env=None, cwd=None):

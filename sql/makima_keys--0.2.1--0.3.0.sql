@@ -1,0 +1,264 @@
+-- makima_keys 0.2.1 -> 0.3.0: usage credits, one mk_verify and one
+-- mk_verify_detail with a cost, and issuing over an expired active key.
+--
+-- Shipped scripts are never edited: a later change goes into the next
+-- version's script. Like the install script, this never uses the schema
+-- placeholder; names resolve in the extension's schema, which is first on
+-- the search path while an extension script runs.
+
+\echo Use "ALTER EXTENSION makima_keys UPDATE" to load this file. \quit
+
+-- The credit columns and mk_keys with them: the same block as a fresh
+-- install runs (sql/src/schema_0_3_0.sql).
+DO $schema_0_3_0$
+DECLARE
+    saved_search_path text := pg_catalog.current_setting('search_path');
+    ext_schema text;
+    api_keys_oid oid;
+    -- Name and type of each new column, in order.
+    new_columns text[] := ARRAY[
+        'credits', 'integer',
+        'refill_amount', 'integer',
+        'refill_every', 'interval',
+        'refilled_at', 'timestamp with time zone'];
+    found_type text;
+    found_not_null boolean;
+BEGIN
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+
+    SELECT n.nspname INTO ext_schema
+      FROM pg_catalog.pg_extension e
+      JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+     WHERE e.extname = 'makima_keys';
+    SELECT c.oid INTO api_keys_oid
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = ext_schema AND c.relname = 'api_keys';
+
+    FOR i IN 1 .. pg_catalog.array_length(new_columns, 1) BY 2 LOOP
+        found_type := NULL;
+        SELECT pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull
+          INTO found_type, found_not_null
+          FROM pg_catalog.pg_attribute a
+         WHERE a.attrelid = api_keys_oid AND a.attname = new_columns[i]
+           AND a.attnum > 0 AND NOT a.attisdropped;
+        IF found_type IS NULL THEN
+            EXECUTE pg_catalog.format('ALTER TABLE %I.api_keys ADD COLUMN %I %s',
+                                      ext_schema, new_columns[i], new_columns[i + 1]);
+        ELSIF found_type <> new_columns[i + 1] OR found_not_null THEN
+            -- A column of that name that the application added itself: its
+            -- meaning is not ours to guess.
+            RAISE EXCEPTION '%.api_keys already has a column % that is not a nullable %',
+                    pg_catalog.quote_ident(ext_schema), new_columns[i], new_columns[i + 1]
+                USING ERRCODE = 'invalid_table_definition',
+                      DETAIL = pg_catalog.format('Found: %s%s', found_type,
+                                                 CASE WHEN found_not_null THEN ' NOT NULL' ELSE '' END),
+                      HINT = 'Rename that column, then run the command again.';
+        END IF;
+    END LOOP;
+
+    EXECUTE pg_catalog.format($ddl$
+        COMMENT ON COLUMN %1$I.api_keys.credits IS 'NULL: unlimited. Otherwise the credits left; each verification spends its cost';
+        COMMENT ON COLUMN %1$I.api_keys.refill_amount IS 'Credits are set back to this when a refill is due (NULL: never refills)';
+        COMMENT ON COLUMN %1$I.api_keys.refill_every IS 'How often credits are refilled, counted from refilled_at in UTC';
+        COMMENT ON COLUMN %1$I.api_keys.refilled_at IS 'When the credits were last refilled, or the schedule began';
+
+        CREATE OR REPLACE VIEW %1$I.mk_keys AS
+        SELECT k.id, k.user_id, k.key_prefix, k.name, k.created_at, k.last_used_at,
+               k.expires_at, k.revoked_at, k.scopes, k.metadata,
+               CASE WHEN k.revoked_at <= pg_catalog.clock_timestamp() THEN 'revoked'
+                    WHEN k.expires_at <= pg_catalog.clock_timestamp() THEN 'expired'
+                    ELSE 'valid'
+               END AS status,
+               k.credits, k.refill_amount, k.refill_every, k.refilled_at
+          FROM %1$I.api_keys k
+        $ddl$, ext_schema);
+
+    PERFORM pg_catalog.set_config('search_path', saved_search_path, true);
+END
+$schema_0_3_0$;
+
+-- The functions whose SQL signature changes are replaced. The old ones are
+-- renamed first, so that whoever could EXECUTE them can EXECUTE the new
+-- ones (carried below), then dropped. mk_verify(text) and
+-- mk_verify(text, text[]) become one mk_verify(text, text[] DEFAULT '{}',
+-- integer DEFAULT 1): next to a defaulted three-argument form the old ones
+-- would make every call ambiguous (42725). The same for mk_verify_detail.
+ALTER FUNCTION mk_issue_key(uuid, text, interval, text[], jsonb) RENAME TO mk_issue_key_0_2_0;
+ALTER FUNCTION mk_rotate_key(uuid, text, interval, text[], jsonb, interval) RENAME TO mk_rotate_key_0_2_0;
+ALTER FUNCTION mk_verify(text) RENAME TO mk_verify_0_2_0;
+ALTER FUNCTION mk_verify(text, text[]) RENAME TO mk_verify_scoped_0_2_0;
+ALTER FUNCTION mk_verify_detail(text) RENAME TO mk_verify_detail_0_2_0;
+ALTER FUNCTION mk_verify_detail(text, text[]) RENAME TO mk_verify_detail_scoped_0_2_0;
+
+CREATE FUNCTION "mk_issue_key"(
+	"user_id" uuid,
+	"name" TEXT DEFAULT NULL,
+	"expires_in" interval DEFAULT NULL,
+	"scopes" TEXT[] DEFAULT NULL,
+	"metadata" jsonb DEFAULT NULL,
+	"credits" INT DEFAULT NULL,
+	"refill_amount" INT DEFAULT NULL,
+	"refill_every" interval DEFAULT NULL
+) RETURNS TABLE (
+	"id" uuid,
+	"key" TEXT,
+	"key_prefix" TEXT,
+	"created_at" timestamp with time zone
+)
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'mk_issue_key_v3_wrapper';
+
+CREATE FUNCTION "mk_rotate_key"(
+	"user_id" uuid,
+	"name" TEXT DEFAULT NULL,
+	"expires_in" interval DEFAULT NULL,
+	"scopes" TEXT[] DEFAULT NULL,
+	"metadata" jsonb DEFAULT NULL,
+	"grace" interval DEFAULT NULL,
+	"credits" INT DEFAULT NULL,
+	"refill_amount" INT DEFAULT NULL,
+	"refill_every" interval DEFAULT NULL
+) RETURNS TABLE (
+	"id" uuid,
+	"key" TEXT,
+	"key_prefix" TEXT,
+	"created_at" timestamp with time zone
+)
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'mk_rotate_key_v3_wrapper';
+
+CREATE FUNCTION "mk_verify_detail"(
+	"key" TEXT,
+	"required_scopes" TEXT[] DEFAULT '{}',
+	"cost" INT DEFAULT 1
+) RETURNS TABLE (
+	"status" TEXT,
+	"key_id" uuid,
+	"user_id" uuid,
+	"key_prefix" TEXT,
+	"name" TEXT,
+	"expires_at" timestamp with time zone,
+	"revoked_at" timestamp with time zone,
+	"scopes" TEXT[],
+	"metadata" jsonb,
+	"retry_after" interval,
+	"credits" INT
+)
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'mk_verify_detail_v3_wrapper';
+
+CREATE FUNCTION "mk_verify"(
+	"key" TEXT,
+	"required_scopes" TEXT[] DEFAULT '{}',
+	"cost" INT DEFAULT 1
+) RETURNS uuid
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'mk_verify_v3_wrapper';
+
+-- Privileges: none for PUBLIC, as on a fresh install; then the EXECUTE
+-- grants of each replaced function carried over to its successor (of both
+-- verify forms to the one that replaces them: a role that could verify a
+-- key can verify it with a scope requirement, which only refuses more, and
+-- with a cost, which only spends the key's own credits).
+REVOKE ALL ON FUNCTION mk_issue_key(uuid, text, interval, text[], jsonb, integer, integer, interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION mk_rotate_key(uuid, text, interval, text[], jsonb, interval, integer, integer, interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION mk_verify(text, text[], integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION mk_verify_detail(text, text[], integer) FROM PUBLIC;
+
+DO $carry_grants$
+DECLARE
+    saved_search_path text := pg_catalog.current_setting('search_path');
+    ext_namespace oid;
+    replaced text[] := ARRAY[
+        'mk_issue_key_0_2_0(uuid, text, interval, text[], jsonb)',
+            'mk_issue_key(uuid, text, interval, text[], jsonb, integer, integer, interval)',
+        'mk_rotate_key_0_2_0(uuid, text, interval, text[], jsonb, interval)',
+            'mk_rotate_key(uuid, text, interval, text[], jsonb, interval, integer, integer, interval)',
+        'mk_verify_0_2_0(text)', 'mk_verify(text, text[], integer)',
+        'mk_verify_scoped_0_2_0(text, text[])', 'mk_verify(text, text[], integer)',
+        'mk_verify_detail_0_2_0(text)', 'mk_verify_detail(text, text[], integer)',
+        'mk_verify_detail_scoped_0_2_0(text, text[])', 'mk_verify_detail(text, text[], integer)'];
+    old_function regprocedure;
+    new_function regprocedure;
+    grant_row record;
+BEGIN
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    SELECT e.extnamespace INTO ext_namespace
+      FROM pg_catalog.pg_extension e WHERE e.extname = 'makima_keys';
+    -- The function names below resolve in the extension's schema; type names
+    -- in pg_catalog, which comes first.
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, '
+        || pg_catalog.quote_ident((SELECT n.nspname FROM pg_catalog.pg_namespace n WHERE n.oid = ext_namespace))
+        || ', pg_temp', true);
+    FOR i IN 1 .. pg_catalog.array_length(replaced, 1) BY 2 LOOP
+        old_function := replaced[i]::regprocedure;
+        new_function := replaced[i + 1]::regprocedure;
+        FOR grant_row IN
+            SELECT a.grantee, a.is_grantable
+              FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+             WHERE p.oid = old_function AND a.privilege_type = 'EXECUTE'
+               AND a.grantee <> p.proowner
+        LOOP
+            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %s%s',
+                new_function,
+                CASE WHEN grant_row.grantee = 0 THEN 'PUBLIC'
+                     ELSE pg_catalog.quote_ident((SELECT r.rolname FROM pg_catalog.pg_roles r
+                                                   WHERE r.oid = grant_row.grantee)) END,
+                CASE WHEN grant_row.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+        END LOOP;
+    END LOOP;
+    -- A GRANT inside an extension script is recorded as the extension's own
+    -- initial privilege, which pg_dump leaves out: these grants are the
+    -- users', so the initial privileges go back to what a fresh install has
+    -- (no grants beyond the owner's), and pg_dump keeps dumping them.
+    FOR i IN 2 .. pg_catalog.array_length(replaced, 1) BY 2 LOOP
+        new_function := replaced[i]::regprocedure;
+        UPDATE pg_catalog.pg_init_privs ip
+           SET initprivs = ARRAY[pg_catalog.makeaclitem(p.proowner, p.proowner, 'EXECUTE', false)]
+          FROM pg_catalog.pg_proc p
+         WHERE p.oid = new_function AND ip.objoid = new_function
+           AND ip.classoid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND ip.objsubid = 0;
+    END LOOP;
+    PERFORM pg_catalog.set_config('search_path', saved_search_path, true);
+END
+$carry_grants$;
+
+DROP FUNCTION mk_issue_key_0_2_0(uuid, text, interval, text[], jsonb);
+DROP FUNCTION mk_rotate_key_0_2_0(uuid, text, interval, text[], jsonb, interval);
+DROP FUNCTION mk_verify_0_2_0(text);
+DROP FUNCTION mk_verify_scoped_0_2_0(text, text[]);
+DROP FUNCTION mk_verify_detail_0_2_0(text);
+DROP FUNCTION mk_verify_detail_scoped_0_2_0(text, text[]);
+
+-- No function of ours may share its name with one that is not ours in the
+-- extension's schema: a planted mk_verify(text) next to our mk_verify(text,
+-- text[] DEFAULT '{}', integer DEFAULT 1) would win every one-argument call.
+DO $our_names$
+DECLARE
+    clashes text;
+BEGIN
+    SELECT pg_catalog.string_agg(p.oid::pg_catalog.regprocedure::text, ', ' ORDER BY 1)
+      INTO clashes
+      FROM pg_catalog.pg_proc p
+      JOIN pg_catalog.pg_extension e ON e.extname = 'makima_keys' AND p.pronamespace = e.extnamespace
+     WHERE p.proname IN ('mk_issue_key', 'mk_rotate_key', 'mk_verify', 'mk_verify_detail', 'mk_revoke',
+                         'mk_revoke_user_keys', 'mk_revoke_key', 'mk_hash_key', 'mk_key_is_well_formed',
+                         'mk_restore_user_foreign_key')
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                        WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid = p.oid
+                          AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass
+                          AND d.refobjid = e.oid AND d.deptype = 'e');
+    IF clashes IS NOT NULL THEN
+        RAISE EXCEPTION 'functions that are not makima_keys''s have its names: %', clashes
+            USING ERRCODE = 'duplicate_function',
+                  HINT = 'Drop or rename them, or install makima_keys into another schema.';
+    END IF;
+END
+$our_names$;

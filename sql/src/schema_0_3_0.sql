@@ -1,0 +1,73 @@
+-- makima_keys 0.3.0: usage credits. makima_keys--0.2.1--0.3.0.sql runs the
+-- same block, so a fresh install and an updated database end up with the
+-- same schema.
+--
+-- As in bootstrap.sql, the extension's schema is looked up by oid and quoted
+-- with %I, and the search path holds only pg_catalog while this runs.
+
+DO $schema_0_3_0$
+DECLARE
+    saved_search_path text := pg_catalog.current_setting('search_path');
+    ext_schema text;
+    api_keys_oid oid;
+    -- Name and type of each new column, in order.
+    new_columns text[] := ARRAY[
+        'credits', 'integer',
+        'refill_amount', 'integer',
+        'refill_every', 'interval',
+        'refilled_at', 'timestamp with time zone'];
+    found_type text;
+    found_not_null boolean;
+BEGIN
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+
+    SELECT n.nspname INTO ext_schema
+      FROM pg_catalog.pg_extension e
+      JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+     WHERE e.extname = 'makima_keys';
+    SELECT c.oid INTO api_keys_oid
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = ext_schema AND c.relname = 'api_keys';
+
+    FOR i IN 1 .. pg_catalog.array_length(new_columns, 1) BY 2 LOOP
+        found_type := NULL;
+        SELECT pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull
+          INTO found_type, found_not_null
+          FROM pg_catalog.pg_attribute a
+         WHERE a.attrelid = api_keys_oid AND a.attname = new_columns[i]
+           AND a.attnum > 0 AND NOT a.attisdropped;
+        IF found_type IS NULL THEN
+            EXECUTE pg_catalog.format('ALTER TABLE %I.api_keys ADD COLUMN %I %s',
+                                      ext_schema, new_columns[i], new_columns[i + 1]);
+        ELSIF found_type <> new_columns[i + 1] OR found_not_null THEN
+            -- A column of that name that the application added itself: its
+            -- meaning is not ours to guess.
+            RAISE EXCEPTION '%.api_keys already has a column % that is not a nullable %',
+                    pg_catalog.quote_ident(ext_schema), new_columns[i], new_columns[i + 1]
+                USING ERRCODE = 'invalid_table_definition',
+                      DETAIL = pg_catalog.format('Found: %s%s', found_type,
+                                                 CASE WHEN found_not_null THEN ' NOT NULL' ELSE '' END),
+                      HINT = 'Rename that column, then run the command again.';
+        END IF;
+    END LOOP;
+
+    EXECUTE pg_catalog.format($ddl$
+        COMMENT ON COLUMN %1$I.api_keys.credits IS 'NULL: unlimited. Otherwise the credits left; each verification spends its cost';
+        COMMENT ON COLUMN %1$I.api_keys.refill_amount IS 'Credits are set back to this when a refill is due (NULL: never refills)';
+        COMMENT ON COLUMN %1$I.api_keys.refill_every IS 'How often credits are refilled, counted from refilled_at in UTC';
+        COMMENT ON COLUMN %1$I.api_keys.refilled_at IS 'When the credits were last refilled, or the schedule began';
+
+        CREATE OR REPLACE VIEW %1$I.mk_keys AS
+        SELECT k.id, k.user_id, k.key_prefix, k.name, k.created_at, k.last_used_at,
+               k.expires_at, k.revoked_at, k.scopes, k.metadata,
+               CASE WHEN k.revoked_at <= pg_catalog.clock_timestamp() THEN 'revoked'
+                    WHEN k.expires_at <= pg_catalog.clock_timestamp() THEN 'expired'
+                    ELSE 'valid'
+               END AS status,
+               k.credits, k.refill_amount, k.refill_every, k.refilled_at
+          FROM %1$I.api_keys k
+        $ddl$, ext_schema);
+
+    PERFORM pg_catalog.set_config('search_path', saved_search_path, true);
+END
+$schema_0_3_0$;
