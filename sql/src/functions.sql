@@ -1,7 +1,8 @@
--- makima_keys install: the functions that return their one row in
--- materialize mode (src/one_row.rs). pgrx declares a set-returning Rust
--- function as value-per-call, so their definitions are written here; the
--- Rust functions behind them are #[pg_extern(sql = false)] in src/api/.
+-- makima_keys install: the functions whose definitions pgrx cannot generate,
+-- behind #[pg_extern(sql = false)] Rust functions in src/api/: those that
+-- return their one row in materialize mode (src/one_row.rs; pgrx declares a
+-- set-returning function as value-per-call), and mk_verify, which reads its
+-- arguments from fcinfo (src/api/verify.rs).
 -- 0.3.0 added the credit arguments and mk_verify_detail's cost and last two
 -- columns; the definitions are otherwise those pgrx generated for 0.2.0.
 
@@ -67,3 +68,12 @@ VOLATILE SECURITY DEFINER PARALLEL UNSAFE
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'mk_verify_detail_v3_wrapper';
+
+CREATE FUNCTION "mk_verify"(
+	"key" TEXT,
+	"required_scopes" TEXT[] DEFAULT '{}',
+	"cost" INT DEFAULT 1
+) RETURNS uuid
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'mk_verify_v3_wrapper';

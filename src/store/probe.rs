@@ -42,7 +42,9 @@ struct Columns {
 }
 
 impl Columns {
-    /// How many leading attributes hold every column `reading` reads.
+    /// How many leading attributes hold every column `reading` reads, up to
+    /// `credits`: the refill columns are read only for a key that has
+    /// credits ([`Columns::with_refill`]).
     fn needed(&self, reading: Reading) -> usize {
         let mut last = self
             .id
@@ -50,10 +52,7 @@ impl Columns {
             .max(self.last_used_at)
             .max(self.revoked_at)
             .max(self.expires_at.unwrap_or(0))
-            .max(self.credits.unwrap_or(0))
-            .max(self.refill_amount.unwrap_or(0))
-            .max(self.refill_every.unwrap_or(0))
-            .max(self.refilled_at.unwrap_or(0));
+            .max(self.credits.unwrap_or(0));
         if reading.labels {
             last = last
                 .max(self.key_prefix)
@@ -64,6 +63,25 @@ impl Columns {
             last = last.max(self.scopes.unwrap_or(0));
         }
         last + 1
+    }
+
+    /// `needed` and the refill columns, for a key whose `credits` is set.
+    fn with_refill(&self, needed: usize) -> usize {
+        needed
+            .max(self.refill_amount.map_or(0, |i| i + 1))
+            .max(self.refill_every.map_or(0, |i| i + 1))
+            .max(self.refilled_at.map_or(0, |i| i + 1))
+    }
+
+    /// Whether the row in `slot`, deformed up to `credits`, has credits.
+    ///
+    /// # Safety
+    /// `slot` holds a row of the table these columns describe, deformed at
+    /// least up to `credits`.
+    unsafe fn has_credits(&self, slot: *mut pg_sys::TupleTableSlot) -> bool {
+        // SAFETY: the caller's contract.
+        self.credits
+            .is_some_and(|i| unsafe { !*(*slot).tts_isnull.add(i) })
     }
 }
 
@@ -294,6 +312,8 @@ unsafe fn usable_columns(
 /// An open probe: the relations, the scan and the slot holding the row found.
 #[derive(Clone, Copy)]
 struct Scan {
+    /// How many attributes of the row found were deformed.
+    natts: i32,
     heap: pg_sys::Relation,
     index: pg_sys::Relation,
     scan: pg_sys::IndexScanDesc,
@@ -349,7 +369,17 @@ unsafe fn probe(
             if found && (*slot).tts_nvalid < natts as pg_sys::AttrNumber {
                 slot_getsomeattrs_int(slot, natts);
             }
+            let natts = if found && target.cols.has_credits(slot) {
+                let all = target.cols.with_refill(natts as usize) as i32;
+                if (*slot).tts_nvalid < all as pg_sys::AttrNumber {
+                    slot_getsomeattrs_int(slot, all);
+                }
+                all
+            } else {
+                natts
+            };
             Scan {
+                natts,
                 heap,
                 index,
                 scan,
@@ -361,9 +391,9 @@ unsafe fn probe(
     };
     // Values are read (and copied where by reference) while the tuple is
     // pinned and the snapshot is active.
-    // SAFETY: the slot holds the row found, deformed up to `natts`.
+    // SAFETY: the slot holds the row found, deformed up to `open.natts`.
     let found = open.found.then(|| unsafe {
-        let natts = natts as usize;
+        let natts = open.natts as usize;
         let values = std::slice::from_raw_parts((*open.slot).tts_values, natts);
         let nulls = std::slice::from_raw_parts((*open.slot).tts_isnull, natts);
         read_row(values, nulls, &target.cols, reading)

@@ -67,6 +67,11 @@ def test_every_call_written_for_0_2_0_keeps_working_and_none_is_ambiguous(db):
             "SELECT mk_verify(%(k)s, cost => 2)": user,
             "SELECT mk_verify(%(k)s, required_scopes => '{read}', cost => 2)": user,
             "SELECT mk_verify(%(k)s, '{read}', 0)": user,
+            # An empty requirement, however it is written, asks for nothing.
+            "SELECT mk_verify(%(k)s, '{}')": user,
+            "SELECT mk_verify(%(k)s, ARRAY[]::text[], 1)": user,
+            "SELECT mk_verify(%(k)s, '{read,write}')": None,
+            "SELECT mk_verify(%(k)s, ARRAY['read', NULL])": None,
         }
         for sql, expected in calls.items():
             assert su.execute(sql, {"k": key}).fetchone()[0] == expected, sql
