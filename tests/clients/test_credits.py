@@ -574,3 +574,15 @@ def test_the_0_3_0_library_serves_a_database_still_at_0_2_1(role, new_db):
         assert sqlstate_of(su, "SELECT mk_issue_key(%s)", (other,)) == "23505"
         rotated = su.execute("SELECT key FROM mk_rotate_key(%s)", (user,)).fetchone()[0]
         assert su.execute("SELECT mk_verify(%s, '{read}')", (rotated,)).fetchone()[0] == user
+
+
+def test_the_update_refuses_a_function_of_our_names_that_is_not_ours(new_db):
+    """With one defaulted mk_verify, a planted mk_verify(text) would win every
+    one-argument call; the update refuses it (42723) and changes nothing."""
+    name = new_db()
+    with connect(name) as su:
+        su.execute(USERS_DDL)
+        su.execute("CREATE EXTENSION makima_keys VERSION '0.2.1'")
+        su.execute("CREATE FUNCTION mk_verify(text, integer) RETURNS uuid LANGUAGE sql AS $$SELECT NULL::uuid$$")
+        assert sqlstate_of(su, "ALTER EXTENSION makima_keys UPDATE") == "42723"
+        assert extversion(su) == "0.2.1"
