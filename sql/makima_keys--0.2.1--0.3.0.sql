@@ -53,6 +53,19 @@ BEGIN
                       DETAIL = pg_catalog.format('Found: %s%s', found_type,
                                                  CASE WHEN found_not_null THEN ' NOT NULL' ELSE '' END),
                       HINT = 'Rename that column, then run the command again.';
+        ELSIF found_type IS NOT NULL THEN
+            -- A nullable column of the right type that already holds values
+            -- is the application's own (a balance, say): spending it on every
+            -- verification would change what its keys do.
+            EXECUTE pg_catalog.format('SELECT EXISTS (SELECT FROM %I.api_keys WHERE %I IS NOT NULL)',
+                                      ext_schema, new_columns[i])
+               INTO found_not_null;
+            IF found_not_null THEN
+                RAISE EXCEPTION '%.api_keys already has a column % that holds values',
+                        pg_catalog.quote_ident(ext_schema), new_columns[i]
+                    USING ERRCODE = 'invalid_table_definition',
+                          HINT = 'Rename that column, then run the command again.';
+            END IF;
         END IF;
     END LOOP;
 
@@ -239,7 +252,9 @@ DROP FUNCTION mk_verify_detail_scoped_0_2_0(text, text[]);
 
 -- No function of ours may share its name with one that is not ours in the
 -- extension's schema: a planted mk_verify(text) next to our mk_verify(text,
--- text[] DEFAULT '{}', integer DEFAULT 1) would win every one-argument call.
+-- text[] DEFAULT '{}', integer DEFAULT 1) would make one-argument calls
+-- ambiguous (42725). Checked at install and update only: nobody but trusted
+-- roles may create objects in the extension's schema.
 DO $our_names$
 DECLARE
     clashes text;

@@ -12,7 +12,9 @@
 
 -- No function of ours may share its name with one that is not ours in the
 -- extension's schema: a planted mk_verify(text) next to our mk_verify(text,
--- text[] DEFAULT '{}', integer DEFAULT 1) would win every one-argument call.
+-- text[] DEFAULT '{}', integer DEFAULT 1) would make one-argument calls
+-- ambiguous (42725). Checked at install and update only: nobody but trusted
+-- roles may create objects in the extension's schema.
 DO $our_names$
 DECLARE
     clashes text;

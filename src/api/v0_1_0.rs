@@ -87,7 +87,7 @@ fn mk_verify_detail(
         name!(name, Option<String>),
     ),
 > {
-    let detail = detail_of(verify_key(fcinfo, key, Requirement::None, true, 1));
+    let detail = detail_of(verify_key(fcinfo, key, Requirement::None, true, None));
     TableIterator::once((
         detail.status.to_owned(),
         detail.key_id,
@@ -99,7 +99,7 @@ fn mk_verify_detail(
 
 #[pg_extern(sql = false)]
 fn mk_verify(key: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> Option<pgrx::Uuid> {
-    verified_user(verify_key(fcinfo, key, Requirement::None, false, 1))
+    verified_user(verify_key(fcinfo, key, Requirement::None, false, None))
 }
 
 // 0.1.0 sent no events: a revoking transaction could be prepared (2PC).

@@ -14,9 +14,6 @@ use crate::one_row::OneRow;
 use crate::policy::Requirement;
 use crate::store::{Insert, NewKey};
 
-/// What the 0.2.0 forms cost: one verification.
-const COST: i32 = 1;
-
 #[pg_extern(sql = false)]
 fn mk_issue_key_v2(
     user_id: Option<pgrx::Uuid>,
@@ -73,7 +70,7 @@ fn mk_rotate_key_v2(
 
 #[pg_extern(sql = false)]
 fn mk_verify_v2(key: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> Option<pgrx::Uuid> {
-    verified_user(verify_key(fcinfo, key, Requirement::None, false, COST))
+    verified_user(verify_key(fcinfo, key, Requirement::None, false, None))
 }
 
 #[pg_extern(sql = false)]
@@ -83,7 +80,7 @@ fn mk_verify_scoped(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> Option<pgrx::Uuid> {
     with_requirement(required_scopes, |requirement| {
-        verified_user(verify_key(fcinfo, key, requirement, false, COST))
+        verified_user(verify_key(fcinfo, key, requirement, false, None))
     })
 }
 
@@ -91,7 +88,7 @@ fn mk_verify_scoped(
 fn mk_verify_detail_v2(key: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) {
     // SAFETY: our own fcinfo; the 0.2.0 script declares rows of these types.
     let row = unsafe { OneRow::begin(fcinfo, &DETAIL_ROW_TYPES_0_2_0) };
-    detail_of(verify_key(fcinfo, key, Requirement::None, true, COST)).put_0_2_0(row);
+    detail_of(verify_key(fcinfo, key, Requirement::None, true, None)).put_0_2_0(row);
 }
 
 #[pg_extern(sql = false)]
@@ -103,7 +100,7 @@ fn mk_verify_detail_scoped(
     // SAFETY: our own fcinfo; the 0.2.0 script declares rows of these types.
     let row = unsafe { OneRow::begin(fcinfo, &DETAIL_ROW_TYPES_0_2_0) };
     let detail = with_requirement(required_scopes, |requirement| {
-        detail_of(verify_key(fcinfo, key, requirement, true, COST))
+        detail_of(verify_key(fcinfo, key, requirement, true, None))
     });
     detail.put_0_2_0(row);
 }

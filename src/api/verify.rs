@@ -44,14 +44,15 @@ const SPEND_ATTEMPTS: usize = 3;
 
 /// Checks the key's shape, finds its row by hash, and judges it at the wall
 /// clock. A valid key with credits spends `cost` of them in the caller's
-/// transaction; one without gets `last_used_at` written when it is due and
+/// transaction (the 0.3.0 entry points; the earlier ones pass `None` and
+/// never spend); one without gets `last_used_at` written when it is due and
 /// this call may write (`store::may_write_last_used`).
 pub(super) fn verify_key(
     fcinfo: pg_sys::FunctionCallInfo,
     key: Option<&str>,
     requirement: Requirement<'_>,
     with_labels: bool,
-    cost: i32,
+    cost: Option<i32>,
 ) -> Verdict {
     let Some(key) = key else {
         return Verdict::Malformed;
@@ -82,7 +83,9 @@ pub(super) fn verify_key(
         };
         let scopes_ok = policy::satisfies(found.scopes.as_deref(), requirement);
         let status = policy::status(found.revoked_at, found.expires_at, now, scopes_ok);
-        let Some(credits) = found.credits else {
+        // `cost` None: an entry point of a version without credits, whose
+        // database can only have such columns of the application's own.
+        let (Some(credits), Some(cost)) = (found.credits, cost) else {
             if status == KeyStatus::Valid
                 && policy::last_used_due(
                     found.last_used_at,
@@ -183,11 +186,17 @@ fn mk_verify_v3(fcinfo: pg_sys::FunctionCallInfo) -> Option<pgrx::Uuid> {
         let cost = checked_cost(pgrx::fcinfo::pg_getarg::<i32>(fcinfo, 2))
             .unwrap_or_else(|e| e.raise("mk_verify"));
         if !pgrx::fcinfo::pg_arg_is_null(fcinfo, 1) && is_empty_array(fcinfo, 1) {
-            return verified_user(verify_key(fcinfo, key, Requirement::None, false, cost));
+            return verified_user(verify_key(
+                fcinfo,
+                key,
+                Requirement::None,
+                false,
+                Some(cost),
+            ));
         }
         let required_scopes = pgrx::fcinfo::pg_getarg::<Array<&str>>(fcinfo, 1);
         with_requirement(required_scopes, |requirement| {
-            verified_user(verify_key(fcinfo, key, requirement, false, cost))
+            verified_user(verify_key(fcinfo, key, requirement, false, Some(cost)))
         })
     }
 }
@@ -317,7 +326,7 @@ fn mk_verify_detail_v3(
     let row = unsafe { OneRow::begin(fcinfo, &DETAIL_ROW_TYPES) };
     let cost = checked_cost(cost).unwrap_or_else(|e| e.raise("mk_verify_detail"));
     let detail = with_required(required_scopes, |requirement| {
-        detail_of(verify_key(fcinfo, key, requirement, true, cost))
+        detail_of(verify_key(fcinfo, key, requirement, true, Some(cost)))
     });
     detail.put(row);
 }

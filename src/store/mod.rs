@@ -676,7 +676,15 @@ impl Store {
                 ids.push(Ok(Some(id)));
             }
             self.announce_revoked(ids.into_iter());
-            let (id, active) = active?;
+            let Some((id, active)) = active else {
+                // No active key (revoked, or rotated away with a grace period
+                // and then revoked): the user's latest key is what a rotation
+                // may not widen, or a revoke followed by a rotation would hand
+                // out an unlimited key.
+                return with_credits
+                    .then(|| self.latest_key(client, user_id))
+                    .flatten();
+            };
             if active.credits.is_some() {
                 // Locked by the UPDATE above: nothing can spend in between.
                 client
@@ -693,6 +701,40 @@ impl Store {
                     .expect("move credits");
             }
             Some(active)
+        })
+    }
+
+    /// What the user's most recently issued key holds, live or not (0.3.0
+    /// columns included), for a rotation that finds no active key.
+    fn latest_key(&self, client: &mut SpiClient<'_>, user_id: pgrx::Uuid) -> Option<ActiveKey> {
+        let latest = client
+            .select(
+                &self.sql(
+                    "SELECT scopes, metadata, expires_at, created_at, credits, refill_amount,
+                            refill_every, refilled_at
+                       FROM {api_keys} WHERE user_id = $1
+                      ORDER BY created_at DESC, id DESC LIMIT 1",
+                ),
+                Some(1),
+                &[user_id.into()],
+            )
+            .expect("latest key");
+        let row = latest.into_iter().next()?;
+        let scopes: Option<Vec<Option<String>>> = row.get(1).expect("scopes");
+        let expires_at: Option<TimestampWithTimeZone> = row.get(3).expect("expires_at");
+        let created_at: Option<TimestampWithTimeZone> = row.get(4).expect("created_at");
+        let refill_amount = row.get::<i32>(6).expect("refill_amount");
+        let refill_every = row.get::<Interval>(7).expect("refill_every");
+        Some(ActiveKey {
+            scopes: scopes.map(|s| s.into_iter().flatten().collect()),
+            metadata: row.get(2).expect("metadata"),
+            lifetime: expires_at.zip(created_at).map(|(e, c)| Lifetime {
+                created_at: c.into(),
+                expires_at: e.into(),
+            }),
+            credits: row.get::<i32>(5).expect("credits"),
+            refill: refill_amount.zip(refill_every),
+            refilled_at: row.get(8).expect("refilled_at"),
         })
     }
 

@@ -586,3 +586,48 @@ def test_the_update_refuses_a_function_of_our_names_that_is_not_ours(new_db):
         su.execute("CREATE FUNCTION mk_verify(text, integer) RETURNS uuid LANGUAGE sql AS $$SELECT NULL::uuid$$")
         assert sqlstate_of(su, "ALTER EXTENSION makima_keys UPDATE") == "42723"
         assert extversion(su) == "0.2.1"
+
+
+def test_a_rotation_with_no_active_key_inherits_from_the_latest_key(db):
+    """Revoked (by a leak scanner, say) and then rotated, a key with credits
+    and scopes does not come back unlimited: the rotation takes what the
+    user's latest key held."""
+    with connect(db) as su:
+        user = add_user(su)
+        key_id, key = issue(su, user, credits=10, refill_amount=10, refill_every="1 day", scopes=["read"])
+        assert verify(su, key, 4) == user
+        assert su.execute("SELECT mk_revoke_key(%s)", (key,)).fetchone()[0] is True
+        new_id, new = su.execute("SELECT id, key FROM mk_rotate_key(%s)", (user,)).fetchone()
+        assert su.execute("SELECT credits, refill_amount, scopes FROM api_keys WHERE id = %s",
+                          (new_id,)).fetchone() == (6, 10, ["read"])
+        # Rotated with a grace period, then the new key revoked: rotating again
+        # finds no active key, and the latest key's remaining credits move on.
+        grace_id, _ = su.execute("SELECT id, key FROM mk_rotate_key(%s, grace => '1 hour')", (user,)).fetchone()
+        su.execute("SELECT mk_revoke(%s)", (grace_id,))
+        last_id, last = su.execute("SELECT id, key FROM mk_rotate_key(%s)", (user,)).fetchone()
+        assert credits_of(su, last_id) == 6
+        assert detail(su, last, 7)["status"] == "usage_exceeded"
+
+
+def test_the_update_refuses_credit_columns_of_the_applications_own(new_db):
+    """A nullable `credits integer` that already holds values is the
+    application's (a balance, say): the update refuses it (42P16) instead of
+    spending it, and the 0.3.0 library's 0.2.x functions never spend it."""
+    name = new_db()
+    with connect(name) as su:
+        su.execute(USERS_DDL)
+        su.execute("CREATE EXTENSION makima_keys VERSION '0.2.1'")
+        user = add_user(su)
+        key_id, key = su.execute("SELECT id, key FROM mk_issue_key(%s)", (user,)).fetchone()
+        su.execute("ALTER TABLE api_keys ADD COLUMN credits integer")
+        su.execute("UPDATE api_keys SET credits = 1")
+        for _ in range(3):
+            assert su.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0] == user
+        assert credits_of(su, key_id) == 1
+        assert sqlstate_of(su, "ALTER EXTENSION makima_keys UPDATE") == "42P16"
+        assert extversion(su) == "0.2.1"
+        # Empty, the same column is taken over.
+        su.execute("UPDATE api_keys SET credits = NULL")
+        su.execute("ALTER EXTENSION makima_keys UPDATE")
+        assert extversion(su) == CURRENT_VERSION
+        assert su.execute("SELECT mk_verify(%s)", (key,)).fetchone()[0] == user
