@@ -21,8 +21,11 @@ pg_major=$("$PG_CONFIG" --version | sed -E 's/^PostgreSQL ([0-9]+).*/\1/')
 version=$(sed -nE 's/^version = "(.*)"/\1/p' Cargo.toml | head -1)
 arch=$(dpkg --print-architecture)
 
-cargo pgrx package --pg-config "$PG_CONFIG" --no-default-features --features "pg$pg_major" >&2
 staged=$CARGO_TARGET_DIR/release/makima_keys-pg$pg_major
+# cargo pgrx package adds to what an earlier run staged: start empty, so that
+# no install script of an earlier version's build is shipped by mistake.
+rm -rf "$staged"
+cargo pgrx package --pg-config "$PG_CONFIG" --no-default-features --features "pg$pg_major" >&2
 pkglibdir=$("$PG_CONFIG" --pkglibdir)
 sharedir=$("$PG_CONFIG" --sharedir)
 

@@ -35,6 +35,8 @@ def test_deb_installs_into_a_clean_postgresql_15_and_uninstalls_cleanly():
     owned = run("dpkg", "-L", PACKAGE).split()
     for path in expected_files(LIB, SHARE):
         assert str(path) in owned and path.exists()
+    # Exactly these: no script left over from an earlier build is shipped.
+    assert installed_files() == sorted(str(p) for p in expected_files(LIB, SHARE))
     check_in_a_cluster(pathlib.Path("/usr/lib/postgresql/15/bin"), 15)
 
     run("dpkg", "-r", PACKAGE)

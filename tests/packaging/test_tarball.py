@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 
-from packaged import REPO, VERSION, check_in_a_cluster, expected_files, run
+from packaged import EXTENSION_FILES, REPO, VERSION, check_in_a_cluster, expected_files, run
 
 
 def pg_config_for(major):
@@ -33,4 +33,6 @@ def test_tarball_installs_into_a_clean_tree(major):
         run("sh", str(script), pg_config)
     for path in expected_files(libdir, extdir):
         assert path.exists(), path
+    # Exactly these: no script left over from an earlier build is shipped.
+    assert sorted(p.name for p in extdir.glob("makima_keys*")) == sorted(EXTENSION_FILES)
     check_in_a_cluster(pathlib.Path(pg_config).parent, major)
