@@ -10,7 +10,7 @@
 
 use pgrx::prelude::*;
 
-use crate::policy::Micros;
+use crate::policy::{Every, Micros};
 
 /// `now()`: the start of the current transaction.
 pub(crate) fn transaction_start() -> Micros {
@@ -35,4 +35,13 @@ pub(crate) fn wall_clock() -> Micros {
 pub(crate) fn timestamp_or_infinity(at: Micros) -> TimestampWithTimeZone {
     TimestampWithTimeZone::try_from(at)
         .unwrap_or_else(|_| TimestampWithTimeZone::positive_infinity())
+}
+
+/// An interval as the refill arithmetic of `policy` takes it.
+pub(crate) fn period(interval: Interval) -> Every {
+    Every {
+        months: interval.months(),
+        days: interval.days(),
+        micros: interval.micros(),
+    }
 }

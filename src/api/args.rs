@@ -150,12 +150,7 @@ pub(super) fn credit_options(
                 minimum: 1,
             });
         }
-        let period = policy::Every {
-            months: every.months(),
-            days: every.days(),
-            micros: every.micros(),
-        };
-        if !period.is_valid() {
+        if !clock::period(every).is_valid() {
             return Err(KeyError::NotPositive {
                 argument: "refill_every",
             });

@@ -38,10 +38,10 @@ use pgrx::PgSqlErrorCode;
 
 use crate::clock::timestamp_or_infinity;
 use crate::error::{KeyError, KeyResult};
-use crate::policy::{Lifetime, Micros, LIVE_SQL};
+use crate::policy::{Micros, LIVE_SQL};
 use own_table::STATEMENT_MARK;
 use owner::{called_function, with_owner_rights};
-use row::{found_from_row, issued_row};
+use row::{found_from_row, inherited_from, issued_row};
 pub(crate) use row::{ActiveKey, FoundKey, IssuedRow, NewKey, Reading};
 use snapshot::ReadSnapshot;
 use write_lock::lock_for_write_without_waiting;
@@ -645,33 +645,7 @@ impl Store {
                     .expect("key id")
                     .expect("key id is not null");
                 if row.get::<bool>(2).expect("was active") == Some(true) {
-                    let scopes: Option<Vec<Option<String>>> = row.get(3).expect("scopes");
-                    let expires_at: Option<TimestampWithTimeZone> = row.get(5).expect("expires_at");
-                    let created_at: Option<TimestampWithTimeZone> = row.get(6).expect("created_at");
-                    let (credits, refill_amount, refill_every, refilled_at) = if with_credits {
-                        (
-                            row.get::<i32>(7).expect("credits"),
-                            row.get::<i32>(8).expect("refill_amount"),
-                            row.get::<Interval>(9).expect("refill_every"),
-                            row.get::<TimestampWithTimeZone>(10).expect("refilled_at"),
-                        )
-                    } else {
-                        (None, None, None, None)
-                    };
-                    active = Some((
-                        id,
-                        ActiveKey {
-                            scopes: scopes.map(|s| s.into_iter().flatten().collect()),
-                            metadata: row.get(4).expect("metadata"),
-                            lifetime: expires_at.zip(created_at).map(|(e, c)| Lifetime {
-                                created_at: c.into(),
-                                expires_at: e.into(),
-                            }),
-                            credits,
-                            refill: refill_amount.zip(refill_every),
-                            refilled_at,
-                        },
-                    ));
+                    active = Some((id, inherited_from(&row, 3, with_credits)));
                 }
                 ids.push(Ok(Some(id)));
             }
@@ -720,22 +694,7 @@ impl Store {
             )
             .expect("latest key");
         let row = latest.into_iter().next()?;
-        let scopes: Option<Vec<Option<String>>> = row.get(1).expect("scopes");
-        let expires_at: Option<TimestampWithTimeZone> = row.get(3).expect("expires_at");
-        let created_at: Option<TimestampWithTimeZone> = row.get(4).expect("created_at");
-        let refill_amount = row.get::<i32>(6).expect("refill_amount");
-        let refill_every = row.get::<Interval>(7).expect("refill_every");
-        Some(ActiveKey {
-            scopes: scopes.map(|s| s.into_iter().flatten().collect()),
-            metadata: row.get(2).expect("metadata"),
-            lifetime: expires_at.zip(created_at).map(|(e, c)| Lifetime {
-                created_at: c.into(),
-                expires_at: e.into(),
-            }),
-            credits: row.get::<i32>(5).expect("credits"),
-            refill: refill_amount.zip(refill_every),
-            refilled_at: row.get(8).expect("refilled_at"),
-        })
+        Some(inherited_from(&row, 1, true))
     }
 
     /// Ends every live key of `user_id`: at `now() + grace` for the active

@@ -3,8 +3,9 @@
 use pgrx::prelude::*;
 use pgrx::spi::SpiHeapTupleData;
 
+use crate::clock;
 use crate::jsonb::StoredJsonb;
-use crate::policy::{Credits, Every, Lifetime, Micros};
+use crate::policy::{Credits, Lifetime, Micros};
 
 /// What a lookup should read beyond the columns every verification needs.
 #[derive(Debug, Clone, Copy)]
@@ -42,18 +43,10 @@ pub(super) fn credits_of(
 ) -> Option<Credits> {
     let remaining = credits?;
     let refill = match (refill_amount, refill_every, refilled_at) {
-        (Some(amount), Some(every), Some(at)) => Some((amount, every_of(every), at)),
+        (Some(amount), Some(every), Some(at)) => Some((amount, clock::period(every), at)),
         _ => None,
     };
     Some(Credits { remaining, refill })
-}
-
-pub(crate) fn every_of(interval: Interval) -> Every {
-    Every {
-        months: interval.months(),
-        days: interval.days(),
-        micros: interval.micros(),
-    }
 }
 
 pub(crate) struct IssuedRow {
@@ -94,6 +87,33 @@ pub(crate) struct ActiveKey {
     pub(crate) refill: Option<(i32, Interval)>,
     /// When it was last refilled: the new key refills on the same schedule.
     pub(crate) refilled_at: Option<TimestampWithTimeZone>,
+}
+
+/// What a rotation inherits from a key row read as `scopes, metadata,
+/// expires_at, created_at` and (`with_credits`, 0.3.0) `credits,
+/// refill_amount, refill_every, refilled_at`, starting at column `first`.
+pub(super) fn inherited_from(
+    row: &SpiHeapTupleData<'_>,
+    first: usize,
+    with_credits: bool,
+) -> ActiveKey {
+    let scopes: Option<Vec<Option<String>>> = row.get(first).expect("scopes");
+    let expires_at: Option<TimestampWithTimeZone> = row.get(first + 2).expect("expires_at");
+    let created_at: Option<TimestampWithTimeZone> = row.get(first + 3).expect("created_at");
+    let credit = |offset: usize| with_credits.then_some(first + 4 + offset);
+    let refill_amount = credit(1).and_then(|i| row.get::<i32>(i).expect("refill_amount"));
+    let refill_every = credit(2).and_then(|i| row.get::<Interval>(i).expect("refill_every"));
+    ActiveKey {
+        scopes: scopes.map(|s| s.into_iter().flatten().collect()),
+        metadata: row.get(first + 1).expect("metadata"),
+        lifetime: expires_at.zip(created_at).map(|(e, c)| Lifetime {
+            created_at: c.into(),
+            expires_at: e.into(),
+        }),
+        credits: credit(0).and_then(|i| row.get(i).expect("credits")),
+        refill: refill_amount.zip(refill_every),
+        refilled_at: credit(3).and_then(|i| row.get(i).expect("refilled_at")),
+    }
 }
 
 /// The row an `INSERT ... RETURNING id, created_at` made.

@@ -16,14 +16,12 @@ use pgrx::prelude::*;
 ///   (REPEATABLE READ or SERIALIZABLE), where touching a row another
 ///   session just touched would raise a serialization failure.
 pub(crate) fn may_write_last_used() -> bool {
-    // SAFETY: reads backend-local transaction state.
-    unsafe {
-        !pg_sys::IsTransactionBlock()
-            && !pg_sys::IsInParallelMode()
-            && !pg_sys::XactReadOnly
-            && !pg_sys::RecoveryInProgress()
-            && pg_sys::XactIsoLevel < pg_sys::XACT_REPEATABLE_READ as i32
-    }
+    may_spend_credits()
+        // SAFETY: reads backend-local transaction state.
+        && unsafe {
+            !pg_sys::IsTransactionBlock()
+                && pg_sys::XactIsoLevel < pg_sys::XACT_REPEATABLE_READ as i32
+        }
 }
 
 /// Whether this call may spend a key's credits, which updates its row in the
