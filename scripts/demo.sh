@@ -16,8 +16,8 @@ bash scripts/install-extension.sh --release
 WORK=$(mktemp -d /tmp/makima-keys-demo.XXXXXX)
 chmod 755 "$WORK"
 trap 'bash scripts/cluster.sh stop "$WORK"; rm -rf "$WORK"' EXIT
-echo "== start a throwaway cluster on 127.0.0.1:$PORT"
-bash scripts/cluster.sh start "$WORK" "$PORT"
+echo "== start a throwaway cluster on 127.0.0.1:$PORT, with makima_keys preloaded (shared memory)"
+bash scripts/cluster.sh start "$WORK" "$PORT" shared_preload_libraries=makima_keys makima_keys.flush_interval=1
 
 echo "== issue, verify, rotate, revoke"
 "$PG_BIN/psql" -X -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -e <<'SQL'
@@ -76,5 +76,19 @@ SELECT key AS metered FROM mk_issue_key(:'linus', credits => 3, refill_amount =>
 SELECT status, credits FROM mk_verify_detail(:'metered', cost => 2);
 SELECT status, credits, retry_after FROM mk_verify_detail(:'metered', cost => 2);
 SELECT status, credits FROM mk_verify_detail(:'metered', cost => 0);   -- a peek spends nothing
+
+-- 0.4.0 (shared memory): at most 3 calls a minute for all of a user's keys.
+INSERT INTO users (email) VALUES ('hedy@example.com') RETURNING id AS hedy \gset
+SELECT key AS limited FROM mk_issue_key(:'hedy', rate_limit => 3, rate_period => '1 minute') \gset
+SELECT mk_verify(:'limited') IS NOT NULL AS call_1, mk_verify(:'limited') IS NOT NULL AS call_2,
+       mk_verify(:'limited') IS NOT NULL AS call_3, mk_verify(:'limited') IS NOT NULL AS call_4;
+SELECT status, retry_after FROM mk_verify_detail(:'limited');
+-- Verifications wrote nothing; the worker writes last_used_at within a second here.
+SELECT pg_sleep(2.5);
+SELECT key_prefix, last_used_at IS NOT NULL AS used FROM api_keys ORDER BY created_at;
+-- What the verifications came to, per key (no key material in it).
+SELECT s.key_id IS NULL AS no_key, k.key_prefix, s.valid, s.revoked, s.rate_limited,
+       s.usage_exceeded, s.not_found, s.malformed
+  FROM mk_key_stats s LEFT JOIN mk_keys k ON k.id = s.key_id ORDER BY k.created_at NULLS LAST;
 SQL
 echo "== done; the cluster is stopped and removed"

@@ -38,6 +38,17 @@ pub(crate) fn timestamp_or_infinity(at: Micros) -> TimestampWithTimeZone {
 }
 
 /// An interval as the refill arithmetic of `policy` takes it.
+/// `interval` as a fixed number of microseconds, as `EXTRACT(EPOCH FROM
+/// interval)` counts it: a month is 30 days and a day 24 hours.
+/// Saturates instead of overflowing.
+pub(crate) fn fixed_length(interval: Interval) -> Micros {
+    const DAY: i128 = 86_400_000_000;
+    let micros = i128::from(interval.months()) * 30 * DAY
+        + i128::from(interval.days()) * DAY
+        + i128::from(interval.micros());
+    micros.clamp(i128::from(Micros::MIN), i128::from(Micros::MAX)) as Micros
+}
+
 pub(crate) fn period(interval: Interval) -> Every {
     Every {
         months: interval.months(),

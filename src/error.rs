@@ -56,6 +56,15 @@ pub(crate) enum KeyError {
     #[error("a refill needs credits: refill_amount and refill_every come with credits")]
     RefillWithoutCredits,
 
+    #[error("rate_limit and rate_period must be given together")]
+    RateIncomplete,
+
+    #[error("rate limits need makima_keys in shared_preload_libraries, which this server did not load it from")]
+    RateLimitsUnavailable,
+
+    #[error("makima_keys statistics need makima_keys in shared_preload_libraries, which this server did not load it from")]
+    StatisticsUnavailable,
+
     #[error("a statement of makima_keys resolved to a table other than the extension's api_keys")]
     TableMoved,
 }
@@ -76,7 +85,11 @@ impl KeyError {
             | KeyError::MetadataNotObject { .. }
             | KeyError::TooSmall { .. }
             | KeyError::RefillIncomplete
-            | KeyError::RefillWithoutCredits => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            | KeyError::RefillWithoutCredits
+            | KeyError::RateIncomplete => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            KeyError::RateLimitsUnavailable | KeyError::StatisticsUnavailable => {
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
             KeyError::MetadataTooLarge { .. } => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             KeyError::TableMoved => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
         }
@@ -95,6 +108,12 @@ impl KeyError {
             KeyError::MetadataNotObject { .. } => Some("Pass an object, e.g. '{\"team\": \"ops\"}'::jsonb."),
             KeyError::RefillIncomplete | KeyError::RefillWithoutCredits => Some(
                 "For example: credits => 1000, refill_amount => 1000, refill_every => '1 day'.",
+            ),
+            KeyError::RateIncomplete => {
+                Some("For example: rate_limit => 100, rate_period => '1 minute'.")
+            }
+            KeyError::RateLimitsUnavailable | KeyError::StatisticsUnavailable => Some(
+                "Add makima_keys to shared_preload_libraries and restart the server (README, Shared memory). Nothing was written.",
             ),
             KeyError::TableMoved => Some(
                 "The extension's schema or table changed while this session kept a plan; nothing was run. Call again.",

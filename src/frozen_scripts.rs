@@ -71,6 +71,11 @@ fn upgrade_scripts_run_the_install_schema_blocks_verbatim() {
             "src/schema_0_3_0.sql",
             "DO $schema_0_3_0$",
         ),
+        (
+            "makima_keys--0.3.0--0.4.0.sql",
+            "src/schema_0_4_0.sql",
+            "DO $schema_0_4_0$",
+        ),
     ] {
         let source = std::fs::read_to_string(sql_dir().join(source)).expect("a schema source");
         let block = &source[source.find(start).expect("the block's start")..];

@@ -20,8 +20,11 @@ mod jsonb;
 mod key_format;
 mod one_row;
 mod policy;
+mod rate;
 mod settings;
+mod shared;
 mod store;
+mod worker;
 
 #[cfg(test)]
 mod frozen_scripts;
@@ -51,6 +54,13 @@ extension_sql_file!(
     name = "schema_0_3_0",
     requires = ["schema_0_2_0"]
 );
+// 0.4.0: the rate-limit columns, the index of key ends, mk_keys with them;
+// the upgrade script runs the same block.
+extension_sql_file!(
+    "../sql/src/schema_0_4_0.sql",
+    name = "schema_0_4_0",
+    requires = ["schema_0_3_0"]
+);
 // 0.2.1: the call that restores the users foreign key after a logical
 // restore; the upgrade script creates the same function.
 extension_sql_file!(
@@ -70,8 +80,23 @@ extension_sql_file!("../sql/src/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    settings::register();
+    // SAFETY: plain reads of flags the postmaster sets before loading us.
+    let (preloading, binary_upgrade) = unsafe {
+        (
+            pg_sys::process_shared_preload_libraries_in_progress,
+            pg_sys::IsBinaryUpgrade,
+        )
+    };
+    settings::register(preloading);
     store::install_statement_guard();
+    if preloading {
+        shared::install_hooks();
+        // pg_upgrade starts servers in binary-upgrade mode: no worker may
+        // write to a database being restored.
+        if !binary_upgrade {
+            worker::register_launcher();
+        }
+    }
 }
 
 /// Required by `cargo pgrx test`.

@@ -778,7 +778,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             columns,
-            "id,user_id,key_prefix,name,created_at,last_used_at,expires_at,revoked_at,scopes,metadata,status,credits,refill_amount,refill_every,refilled_at"
+            "id,user_id,key_prefix,name,created_at,last_used_at,expires_at,revoked_at,scopes,metadata,status,credits,refill_amount,refill_every,refilled_at,rate_limit,rate_period"
         );
         assert!(check(
             "SELECT k.status = 'valid' AND k.name = 'ci' AND k.scopes = '{read}' AND k.metadata = '{\"a\": 1}'
@@ -850,6 +850,7 @@ mod tests {
         Spi::run(
             "ALTER EXTENSION makima_keys DROP VIEW mk_keys;
              DROP VIEW mk_keys;
+             DROP INDEX idx_api_keys_ends_at;
              ALTER TABLE api_keys ALTER COLUMN expires_at TYPE text",
         )
         .unwrap();
@@ -999,5 +1000,51 @@ mod tests {
         );
         assert_eq!(status(Some("not a key")), "not_found");
         assert_eq!(status(None), "malformed");
+    }
+
+    /// 0.4.0 rate limits on a server that did not preload makima_keys (as
+    /// `cargo pgrx test` runs it): argument errors first (22023), then the
+    /// refusal to issue a limit that could not be kept (55000); an existing
+    /// limited key fails closed; the statistics raise 55000.
+    #[pg_test]
+    fn rate_limits_without_preloading_fail_closed() {
+        let user = new_user();
+        let call = |options: &str| sqlstate(&format!("SELECT mk_issue_key('{user}', {options})"));
+        assert_eq!(call("rate_limit => 10"), "22023");
+        assert_eq!(call("rate_period => '1 minute'"), "22023");
+        assert_eq!(call("rate_limit => 0, rate_period => '1 minute'"), "22023");
+        assert_eq!(call("rate_limit => 10, rate_period => '0'"), "22023");
+        assert_eq!(
+            call("rate_limit => 10, rate_period => '1 day -1 hour'"),
+            "22023"
+        );
+        assert_eq!(call("rate_limit => 10, rate_period => '1 minute'"), "55000");
+        let (id, key) = issue(user);
+        assert_eq!(
+            sqlstate(&format!(
+                "SELECT mk_rotate_key('{user}', rate_limit => 5, rate_period => '1 second')"
+            )),
+            "55000"
+        );
+        Spi::run_with_args(
+            "UPDATE api_keys SET rate_limit = 5, rate_period = '1 minute' WHERE id = $1",
+            &[id.into()],
+        )
+        .unwrap();
+        assert_eq!(status(Some(&key)), "rate_limit_unavailable");
+        assert_eq!(verify(&key), None);
+        // A rotation inherits the limit, so it is refused too, and the old
+        // key is not ended.
+        assert_eq!(
+            sqlstate(&format!("SELECT mk_rotate_key('{user}')")),
+            "55000"
+        );
+        let live = Spi::get_one_with_args::<i64>(
+            "SELECT count(*) FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL",
+            &[user.into()],
+        );
+        assert_eq!(live, Ok(Some(1)));
+        assert_eq!(sqlstate("SELECT * FROM mk_key_stats"), "55000");
+        assert_eq!(sqlstate("SELECT mk_key_stats_reset()"), "55000");
     }
 }

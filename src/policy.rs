@@ -79,6 +79,12 @@ pub(crate) enum KeyStatus {
     Revoked,
     Expired,
     InsufficientScope,
+    /// 0.4.0: the key has a rate limit and this server cannot keep one
+    /// (makima_keys is not preloaded, or its bucket hash is full). Fails
+    /// closed.
+    RateLimitUnavailable,
+    /// 0.4.0: the key's rate limit refuses this call now.
+    RateLimited,
     /// The key has credits and this call could not spend them here: a
     /// read-only transaction, a standby, parallel mode, or a table lock it
     /// would have had to wait for. Fails closed.
@@ -94,6 +100,8 @@ impl KeyStatus {
             KeyStatus::Revoked => "revoked",
             KeyStatus::Expired => "expired",
             KeyStatus::InsufficientScope => "insufficient_scope",
+            KeyStatus::RateLimitUnavailable => "rate_limit_unavailable",
+            KeyStatus::RateLimited => "rate_limited",
             KeyStatus::UsageUnavailable => "usage_unavailable",
             KeyStatus::UsageExceeded => "usage_exceeded",
             KeyStatus::Valid => "valid",

@@ -25,7 +25,7 @@ BEGIN
       JOIN pg_catalog.pg_extension e ON e.extname = 'makima_keys' AND p.pronamespace = e.extnamespace
      WHERE p.proname IN ('mk_issue_key', 'mk_rotate_key', 'mk_verify', 'mk_verify_detail', 'mk_revoke',
                          'mk_revoke_user_keys', 'mk_revoke_key', 'mk_hash_key', 'mk_key_is_well_formed',
-                         'mk_restore_user_foreign_key')
+                         'mk_restore_user_foreign_key', 'mk_key_stats_rows', 'mk_key_stats_reset')
        AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
                         WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid = p.oid
                           AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass
@@ -38,10 +38,13 @@ BEGIN
 END
 $our_names$;
 
-REVOKE ALL ON FUNCTION mk_issue_key(uuid, text, interval, text[], jsonb, integer, integer, interval) FROM PUBLIC;
-REVOKE ALL ON FUNCTION mk_rotate_key(uuid, text, interval, text[], jsonb, interval, integer, integer, interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION mk_issue_key(uuid, text, interval, text[], jsonb, integer, integer, interval, integer, interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION mk_rotate_key(uuid, text, interval, text[], jsonb, interval, integer, integer, interval, integer, interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION mk_revoke(uuid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION mk_revoke_user_keys(uuid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION mk_revoke_key(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION mk_verify(text, text[], integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION mk_verify_detail(text, text[], integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION mk_key_stats_rows() FROM PUBLIC;
+REVOKE ALL ON FUNCTION mk_key_stats_reset() FROM PUBLIC;
+REVOKE ALL ON mk_key_stats FROM PUBLIC;

@@ -4,7 +4,9 @@
 -- set-returning function as value-per-call), and mk_verify, which reads its
 -- arguments from fcinfo (src/api/verify.rs).
 -- 0.3.0 added the credit arguments and mk_verify_detail's cost and last two
--- columns; the definitions are otherwise those pgrx generated for 0.2.0.
+-- columns; 0.4.0 the rate-limit arguments, new C symbols for the
+-- verifications, and the statistics of the shared tier. The definitions
+-- are otherwise those pgrx generated for 0.2.0.
 
 CREATE FUNCTION "mk_issue_key"(
 	"user_id" uuid,
@@ -14,7 +16,9 @@ CREATE FUNCTION "mk_issue_key"(
 	"metadata" jsonb DEFAULT NULL,
 	"credits" INT DEFAULT NULL,
 	"refill_amount" INT DEFAULT NULL,
-	"refill_every" interval DEFAULT NULL
+	"refill_every" interval DEFAULT NULL,
+	"rate_limit" INT DEFAULT NULL,
+	"rate_period" interval DEFAULT NULL
 ) RETURNS TABLE (
 	"id" uuid,
 	"key" TEXT,
@@ -24,7 +28,7 @@ CREATE FUNCTION "mk_issue_key"(
 VOLATILE SECURITY DEFINER PARALLEL UNSAFE
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
-AS 'MODULE_PATHNAME', 'mk_issue_key_v3_wrapper';
+AS 'MODULE_PATHNAME', 'mk_issue_key_v4_wrapper';
 
 CREATE FUNCTION "mk_rotate_key"(
 	"user_id" uuid,
@@ -35,7 +39,9 @@ CREATE FUNCTION "mk_rotate_key"(
 	"grace" interval DEFAULT NULL,
 	"credits" INT DEFAULT NULL,
 	"refill_amount" INT DEFAULT NULL,
-	"refill_every" interval DEFAULT NULL
+	"refill_every" interval DEFAULT NULL,
+	"rate_limit" INT DEFAULT NULL,
+	"rate_period" interval DEFAULT NULL
 ) RETURNS TABLE (
 	"id" uuid,
 	"key" TEXT,
@@ -45,7 +51,7 @@ CREATE FUNCTION "mk_rotate_key"(
 VOLATILE SECURITY DEFINER PARALLEL UNSAFE
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
-AS 'MODULE_PATHNAME', 'mk_rotate_key_v3_wrapper';
+AS 'MODULE_PATHNAME', 'mk_rotate_key_v4_wrapper';
 
 CREATE FUNCTION "mk_verify_detail"(
 	"key" TEXT,
@@ -67,7 +73,7 @@ CREATE FUNCTION "mk_verify_detail"(
 VOLATILE SECURITY DEFINER PARALLEL UNSAFE
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
-AS 'MODULE_PATHNAME', 'mk_verify_detail_v3_wrapper';
+AS 'MODULE_PATHNAME', 'mk_verify_detail_v4_wrapper';
 
 CREATE FUNCTION "mk_verify"(
 	"key" TEXT,
@@ -76,4 +82,34 @@ CREATE FUNCTION "mk_verify"(
 ) RETURNS uuid
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c
-AS 'MODULE_PATHNAME', 'mk_verify_v3_wrapper';
+AS 'MODULE_PATHNAME', 'mk_verify_v4_wrapper';
+
+-- The statistics of the shared tier (makima_keys in shared_preload_libraries;
+-- otherwise both raise 55000). Rows of this database only.
+CREATE FUNCTION "mk_key_stats_rows"() RETURNS TABLE (
+	"key_id" uuid,
+	"valid" bigint,
+	"revoked" bigint,
+	"expired" bigint,
+	"insufficient_scope" bigint,
+	"rate_limit_unavailable" bigint,
+	"rate_limited" bigint,
+	"usage_exceeded" bigint,
+	"usage_unavailable" bigint,
+	"not_found" bigint,
+	"malformed" bigint,
+	"last_verified_at" timestamp with time zone,
+	"last_called_at" timestamp with time zone,
+	"since" timestamp with time zone
+)
+VOLATILE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'mk_key_stats_rows_wrapper';
+
+CREATE VIEW mk_key_stats AS SELECT * FROM mk_key_stats_rows();
+COMMENT ON VIEW mk_key_stats IS 'Verifications per key since the last reset or start (needs shared_preload_libraries); key_id NULL: calls that named no key';
+
+CREATE FUNCTION "mk_key_stats_reset"() RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'mk_key_stats_reset_wrapper';

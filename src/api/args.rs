@@ -6,6 +6,7 @@ use crate::clock;
 use crate::error::{KeyError, KeyResult};
 use crate::jsonb::StoredJsonb;
 use crate::policy::{self, Requirement, ScopeProblem};
+use crate::shared;
 
 /// The seed declares `name VARCHAR(255)`.
 const NAME_MAX_CHARS: usize = 255;
@@ -157,6 +158,41 @@ pub(super) fn credit_options(
         }
     }
     Ok(CreditOptions { credits, refill })
+}
+
+/// The 0.4.0 rate-limit options: both or neither, a limit of at least 1
+/// per a positive period. A limit needs the shared tier: without it the
+/// key could only ever answer `rate_limit_unavailable`, so issuing one
+/// fails instead (55000).
+pub(super) fn rate_options(
+    rate_limit: Option<i32>,
+    rate_period: Option<Interval>,
+) -> KeyResult<Option<(i32, Interval)>> {
+    let (limit, period) = match (rate_limit, rate_period) {
+        (None, None) => return Ok(None),
+        (Some(limit), Some(period)) => (limit, period),
+        _ => return Err(KeyError::RateIncomplete),
+    };
+    if limit < 1 {
+        return Err(KeyError::TooSmall {
+            argument: "rate_limit",
+            minimum: 1,
+        });
+    }
+    if !clock::period(period).is_valid() {
+        return Err(KeyError::NotPositive {
+            argument: "rate_period",
+        });
+    }
+    needs_shared_tier(Some((limit, period)))
+}
+
+/// A rate limit, given or inherited, is refused where it cannot be kept.
+pub(super) fn needs_shared_tier<T>(limit: Option<T>) -> KeyResult<Option<T>> {
+    if limit.is_some() && !shared::is_ready() {
+        return Err(KeyError::RateLimitsUnavailable);
+    }
+    Ok(limit)
 }
 
 /// Collects a `text[]` of required scopes; NULL stays "unknown".

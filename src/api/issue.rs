@@ -5,7 +5,9 @@
 use pgrx::prelude::*;
 use rand::rngs::OsRng;
 
-use super::args::{credit_options, grace_period, issue_options, required};
+use super::args::{
+    credit_options, grace_period, issue_options, needs_shared_tier, rate_options, required,
+};
 use super::call::store_for;
 use crate::clock;
 use crate::error::{KeyError, KeyResult};
@@ -86,6 +88,7 @@ pub(super) fn plain_key(name: Option<&str>) -> NewKey<'_> {
         credits: None,
         refill: None,
         refilled_at: None,
+        rate_limit: None,
     }
 }
 
@@ -106,6 +109,7 @@ pub(super) fn rotated_key<'a>(
         credits: None,
         refill: None,
         refilled_at: None,
+        rate_limit: None,
     });
     let expires_at = policy::rotated_expiry(
         given.expires_at.map(pg_sys::TimestampTz::from),
@@ -125,6 +129,7 @@ pub(super) fn rotated_key<'a>(
         credits,
         refill,
         refilled_at,
+        rate_limit: policy::inherited(given.rate_limit, active.rate_limit),
     }
 }
 
@@ -150,6 +155,46 @@ pub(super) unsafe fn issuing_call(
     }
 }
 
+/// What an issuing call was given, checked.
+struct Given<'a> {
+    user_id: pgrx::Uuid,
+    key: NewKey<'a>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn given<'a>(
+    user_id: Option<pgrx::Uuid>,
+    name: Option<&'a str>,
+    expires_in: Option<Interval>,
+    scopes: Option<Array<&str>>,
+    metadata: Option<StoredJsonb>,
+    credits: Option<i32>,
+    refill_amount: Option<i32>,
+    refill_every: Option<Interval>,
+    rate_limit: Option<(Option<i32>, Option<Interval>)>,
+) -> KeyResult<Given<'a>> {
+    let user_id = required(user_id, "user_id")?;
+    let options = issue_options(name, expires_in, scopes, metadata)?;
+    let credits = credit_options(credits, refill_amount, refill_every)?;
+    let rate_limit = match rate_limit {
+        Some((limit, period)) => rate_options(limit, period)?,
+        None => None,
+    };
+    Ok(Given {
+        user_id,
+        key: NewKey {
+            name,
+            expires_at: options.expires_at,
+            scopes: options.scopes,
+            metadata: options.metadata,
+            credits: credits.credits,
+            refill: credits.refill,
+            refilled_at: None,
+            rate_limit,
+        },
+    })
+}
+
 /// Issues a new active key for `user_id`. The key is returned once and
 /// stored nowhere. An active key that has expired is ended first.
 #[allow(clippy::too_many_arguments)]
@@ -165,23 +210,58 @@ fn mk_issue_key_v3(
     refill_every: Option<Interval>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) {
+    // SAFETY: our own fcinfo; the 0.3.0 script declares rows of these types.
+    unsafe {
+        issuing_call(fcinfo, "mk_issue_key", |store| {
+            let given = given(
+                user_id,
+                name,
+                expires_in,
+                scopes,
+                metadata,
+                credits,
+                refill_amount,
+                refill_every,
+                None,
+            )?;
+            let how = Insert::Columns0_3 { end_expired: true };
+            issue(store, given.user_id, given.key, how, "mk_issue_key")
+        })
+    }
+}
+
+/// `mk_issue_key` of 0.4.0: also `rate_limit` per `rate_period`.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(sql = false)]
+fn mk_issue_key_v4(
+    user_id: Option<pgrx::Uuid>,
+    name: Option<&str>,
+    expires_in: Option<Interval>,
+    scopes: Option<Array<&str>>,
+    metadata: Option<StoredJsonb>,
+    credits: Option<i32>,
+    refill_amount: Option<i32>,
+    refill_every: Option<Interval>,
+    rate_limit: Option<i32>,
+    rate_period: Option<Interval>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) {
     // SAFETY: our own fcinfo; functions.sql declares rows of these types.
     unsafe {
         issuing_call(fcinfo, "mk_issue_key", |store| {
-            let user_id = required(user_id, "user_id")?;
-            let options = issue_options(name, expires_in, scopes, metadata)?;
-            let credits = credit_options(credits, refill_amount, refill_every)?;
-            let new = NewKey {
+            let given = given(
+                user_id,
                 name,
-                expires_at: options.expires_at,
-                scopes: options.scopes,
-                metadata: options.metadata,
-                credits: credits.credits,
-                refill: credits.refill,
-                refilled_at: None,
-            };
-            let how = Insert::Columns0_3 { end_expired: true };
-            issue(store, user_id, new, how, "mk_issue_key")
+                expires_in,
+                scopes,
+                metadata,
+                credits,
+                refill_amount,
+                refill_every,
+                Some((rate_limit, rate_period)),
+            )?;
+            let how = Insert::Columns0_4 { end_expired: true };
+            issue(store, given.user_id, given.key, how, "mk_issue_key")
         })
     }
 }
@@ -202,26 +282,69 @@ fn mk_rotate_key_v3(
     refill_every: Option<Interval>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) {
+    // SAFETY: our own fcinfo; the 0.3.0 script declares rows of these types.
+    unsafe {
+        issuing_call(fcinfo, "mk_rotate_key", |store| {
+            let given = given(
+                user_id,
+                name,
+                expires_in,
+                scopes,
+                metadata,
+                credits,
+                refill_amount,
+                refill_every,
+                None,
+            )?;
+            let grace = grace_period(grace)?;
+            let active = store.end_user_keys_inheriting(given.user_id, grace, true, false);
+            let new = rotated_key(name, given.key, active);
+            let how = Insert::Columns0_3 { end_expired: false };
+            issue(store, given.user_id, new, how, "mk_rotate_key")
+        })
+    }
+}
+
+/// `mk_rotate_key` of 0.4.0: the rate limit is one more option, inherited
+/// when not given. Where it cannot be kept (not preloaded), a rotation
+/// that would carry one fails (55000) before anything is written.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(sql = false)]
+fn mk_rotate_key_v4(
+    user_id: Option<pgrx::Uuid>,
+    name: Option<&str>,
+    expires_in: Option<Interval>,
+    scopes: Option<Array<&str>>,
+    metadata: Option<StoredJsonb>,
+    grace: Option<Interval>,
+    credits: Option<i32>,
+    refill_amount: Option<i32>,
+    refill_every: Option<Interval>,
+    rate_limit: Option<i32>,
+    rate_period: Option<Interval>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) {
     // SAFETY: our own fcinfo; functions.sql declares rows of these types.
     unsafe {
         issuing_call(fcinfo, "mk_rotate_key", |store| {
-            let user_id = required(user_id, "user_id")?;
-            let options = issue_options(name, expires_in, scopes, metadata)?;
-            let credits = credit_options(credits, refill_amount, refill_every)?;
-            let grace = grace_period(grace)?;
-            let active = store.end_user_keys_inheriting(user_id, grace, true);
-            let given = NewKey {
+            let given = given(
+                user_id,
                 name,
-                expires_at: options.expires_at,
-                scopes: options.scopes,
-                metadata: options.metadata,
-                credits: credits.credits,
-                refill: credits.refill,
-                refilled_at: None,
-            };
-            let new = rotated_key(name, given, active);
-            let how = Insert::Columns0_3 { end_expired: false };
-            issue(store, user_id, new, how, "mk_rotate_key")
+                expires_in,
+                scopes,
+                metadata,
+                credits,
+                refill_amount,
+                refill_every,
+                Some((rate_limit, rate_period)),
+            )?;
+            let grace = grace_period(grace)?;
+            let active = store.end_user_keys_inheriting(given.user_id, grace, true, true);
+            let new = rotated_key(name, given.key, active);
+            // An error here rolls back the ending of the old keys above.
+            needs_shared_tier(new.rate_limit)?;
+            let how = Insert::Columns0_4 { end_expired: false };
+            issue(store, given.user_id, new, how, "mk_rotate_key")
         })
     }
 }

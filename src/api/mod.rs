@@ -19,6 +19,7 @@ mod call;
 mod issue;
 mod key_text;
 mod revoke;
+mod stats;
 mod v0_1_0;
 mod v0_2_0;
 mod verify;

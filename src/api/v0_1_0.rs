@@ -9,7 +9,7 @@ use pgrx::prelude::*;
 use super::args::{check_name, required};
 use super::call::store_for;
 use super::issue::{issue, plain_key, Issued};
-use super::verify::{detail_of, verified_user, verify_key};
+use super::verify::{detail_of, verified_user, verify_key, Contract};
 use crate::policy::Requirement;
 use crate::store::Insert;
 
@@ -87,7 +87,14 @@ fn mk_verify_detail(
         name!(name, Option<String>),
     ),
 > {
-    let detail = detail_of(verify_key(fcinfo, key, Requirement::None, true, None));
+    let detail = detail_of(verify_key(
+        fcinfo,
+        key,
+        Requirement::None,
+        true,
+        1,
+        Contract::V0_2,
+    ));
     TableIterator::once((
         detail.status.to_owned(),
         detail.key_id,
@@ -99,7 +106,14 @@ fn mk_verify_detail(
 
 #[pg_extern(sql = false)]
 fn mk_verify(key: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> Option<pgrx::Uuid> {
-    verified_user(verify_key(fcinfo, key, Requirement::None, false, None))
+    verified_user(verify_key(
+        fcinfo,
+        key,
+        Requirement::None,
+        false,
+        1,
+        Contract::V0_2,
+    ))
 }
 
 // 0.1.0 sent no events: a revoking transaction could be prepared (2PC).

@@ -8,7 +8,7 @@ use pgrx::prelude::*;
 
 use super::args::{grace_period, issue_options, required, with_requirement};
 use super::issue::{issue, issuing_call, plain_key, rotated_key};
-use super::verify::{detail_of, verified_user, verify_key, DETAIL_ROW_TYPES_0_2_0};
+use super::verify::{detail_of, verified_user, verify_key, Contract, DETAIL_ROW_TYPES_0_2_0};
 use crate::jsonb::StoredJsonb;
 use crate::one_row::OneRow;
 use crate::policy::Requirement;
@@ -55,7 +55,7 @@ fn mk_rotate_key_v2(
             let user_id = required(user_id, "user_id")?;
             let options = issue_options(name, expires_in, scopes, metadata)?;
             let grace = grace_period(grace)?;
-            let active = store.end_user_keys_inheriting(user_id, grace, false);
+            let active = store.end_user_keys_inheriting(user_id, grace, false, false);
             let given = NewKey {
                 expires_at: options.expires_at,
                 scopes: options.scopes,
@@ -70,7 +70,14 @@ fn mk_rotate_key_v2(
 
 #[pg_extern(sql = false)]
 fn mk_verify_v2(key: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) -> Option<pgrx::Uuid> {
-    verified_user(verify_key(fcinfo, key, Requirement::None, false, None))
+    verified_user(verify_key(
+        fcinfo,
+        key,
+        Requirement::None,
+        false,
+        1,
+        Contract::V0_2,
+    ))
 }
 
 #[pg_extern(sql = false)]
@@ -80,7 +87,14 @@ fn mk_verify_scoped(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> Option<pgrx::Uuid> {
     with_requirement(required_scopes, |requirement| {
-        verified_user(verify_key(fcinfo, key, requirement, false, None))
+        verified_user(verify_key(
+            fcinfo,
+            key,
+            requirement,
+            false,
+            1,
+            Contract::V0_2,
+        ))
     })
 }
 
@@ -88,7 +102,15 @@ fn mk_verify_scoped(
 fn mk_verify_detail_v2(key: Option<&str>, fcinfo: pg_sys::FunctionCallInfo) {
     // SAFETY: our own fcinfo; the 0.2.0 script declares rows of these types.
     let row = unsafe { OneRow::begin(fcinfo, &DETAIL_ROW_TYPES_0_2_0) };
-    detail_of(verify_key(fcinfo, key, Requirement::None, true, None)).put_0_2_0(row);
+    detail_of(verify_key(
+        fcinfo,
+        key,
+        Requirement::None,
+        true,
+        1,
+        Contract::V0_2,
+    ))
+    .put_0_2_0(row);
 }
 
 #[pg_extern(sql = false)]
@@ -100,7 +122,14 @@ fn mk_verify_detail_scoped(
     // SAFETY: our own fcinfo; the 0.2.0 script declares rows of these types.
     let row = unsafe { OneRow::begin(fcinfo, &DETAIL_ROW_TYPES_0_2_0) };
     let detail = with_requirement(required_scopes, |requirement| {
-        detail_of(verify_key(fcinfo, key, requirement, true, None))
+        detail_of(verify_key(
+            fcinfo,
+            key,
+            requirement,
+            true,
+            1,
+            Contract::V0_2,
+        ))
     });
     detail.put_0_2_0(row);
 }

@@ -18,6 +18,7 @@ use crate::key_format::{self, KeyShape};
 use crate::one_row::OneRow;
 use crate::policy::{self, KeyStatus, Micros, Requirement};
 use crate::settings;
+use crate::shared::{self, Take};
 use crate::store::{self, DueRefill, FoundKey, Reading, Spent};
 
 /// What a verification found; `Malformed` and `NotFound` carry no row.
@@ -42,17 +43,53 @@ pub(super) struct Usage {
 /// (another transaction spent, refilled or revoked it first).
 const SPEND_ATTEMPTS: usize = 3;
 
+/// Which contract an entry point keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Contract {
+    /// 0.2.x: never spends (such columns can only be the application's).
+    V0_2,
+    /// 0.3.0: spends credits; knows no rate limits or shared memory.
+    V0_3,
+    /// 0.4.0: rate limits, and when preloaded, statistics and no writes.
+    V0_4,
+}
+
 /// Checks the key's shape, finds its row by hash, and judges it at the wall
-/// clock. A valid key with credits spends `cost` of them in the caller's
-/// transaction (the 0.3.0 entry points; the earlier ones pass `None` and
-/// never spend); one without gets `last_used_at` written when it is due and
-/// this call may write (`store::may_write_last_used`).
+/// clock; the 0.4.0 entry points then count the call in shared memory (when
+/// preloaded). See [`judge`].
 pub(super) fn verify_key(
     fcinfo: pg_sys::FunctionCallInfo,
     key: Option<&str>,
     requirement: Requirement<'_>,
     with_labels: bool,
-    cost: Option<i32>,
+    cost: i32,
+    contract: Contract,
+) -> Verdict {
+    let verdict = judge(fcinfo, key, requirement, with_labels, cost, contract);
+    if contract == Contract::V0_4 {
+        match &verdict {
+            Verdict::Malformed => shared::record_unknown(true),
+            Verdict::NotFound => shared::record_unknown(false),
+            Verdict::Found(..) => {}
+        }
+    }
+    verdict
+}
+
+/// A valid key with credits spends `cost` of them in the caller's
+/// transaction (not the 0.2.x entry points, which never spend); a key with
+/// a rate limit (0.4.0) first draws `cost` tokens from its user's bucket in
+/// shared memory. A valid key without credits gets `last_used_at`: when
+/// preloaded (0.4.0), recorded in shared memory for the worker to write;
+/// otherwise written when it is due and this call may write
+/// (`store::may_write_last_used`).
+fn judge(
+    fcinfo: pg_sys::FunctionCallInfo,
+    key: Option<&str>,
+    requirement: Requirement<'_>,
+    with_labels: bool,
+    cost: i32,
+    contract: Contract,
 ) -> Verdict {
     let Some(key) = key else {
         return Verdict::Malformed;
@@ -61,9 +98,11 @@ pub(super) fn verify_key(
         return Verdict::Malformed;
     }
     let store = store_for(fcinfo);
+    let counting = contract == Contract::V0_4 && shared::serves_this_database();
     let reading = Reading {
         labels: with_labels,
         scopes: with_labels || requirement != Requirement::None,
+        rates: contract == Contract::V0_4,
     };
     let hash = KeyHash::of(key);
     for _ in 0..SPEND_ATTEMPTS {
@@ -72,10 +111,13 @@ pub(super) fn verify_key(
         };
         // The wall clock, not the transaction start: a revocation or expiry
         // that is visible must take effect, however long this transaction
-        // has run. Read only for keys that can end or refill.
-        let now = if found.revoked_at.is_some()
+        // has run. Read only for keys that can end, refill or be limited,
+        // and for the statistics.
+        let now = if counting
+            || found.revoked_at.is_some()
             || found.expires_at.is_some()
             || found.credits.is_some()
+            || found.rate_limit.is_some()
         {
             clock::wall_clock()
         } else {
@@ -83,35 +125,66 @@ pub(super) fn verify_key(
         };
         let scopes_ok = policy::satisfies(found.scopes.as_deref(), requirement);
         let status = policy::status(found.revoked_at, found.expires_at, now, scopes_ok);
-        // `cost` None: an entry point of a version without credits, whose
-        // database can only have such columns of the application's own.
-        let (Some(credits), Some(cost)) = (found.credits, cost) else {
-            if status == KeyStatus::Valid
-                && policy::last_used_due(
-                    found.last_used_at,
-                    clock::transaction_start(),
-                    settings::last_used_interval_secs(),
-                )
-                && store::may_write_last_used()
-            {
-                store.touch_last_used(found.id);
+        let credits = found.credits.filter(|_| contract != Contract::V0_2);
+        let mut usage = Usage::default();
+        let Some(credits) = credits else {
+            let status = match (status, found.rate_limit) {
+                (KeyStatus::Valid, Some(limit)) => {
+                    rate_verdict(shared::take(found.user_id, limit, cost, now), &mut usage)
+                }
+                _ => status,
+            };
+            if status == KeyStatus::Valid {
+                let owe = counting && !store::in_recovery();
+                if !(owe && shared::record(found.id, status, now, true)) {
+                    if counting && !owe {
+                        shared::record(found.id, status, now, false);
+                    }
+                    touch_when_due(&store, &found);
+                }
+            } else if counting {
+                shared::record(found.id, status, now, false);
             }
-            return Verdict::Found(found, status, Usage::default());
+            return Verdict::Found(found, status, usage);
         };
         let (available, refilled_at) = policy::available(credits, now);
-        let mut usage = Usage {
-            credits: Some(available),
-            retry_after: None,
+        usage.credits = Some(available);
+        let judged = |verdict: Verdict| {
+            if let (true, Verdict::Found(found, status, _)) = (counting, &verdict) {
+                shared::record(found.id, *status, now, false);
+            }
+            verdict
         };
         if status != KeyStatus::Valid || cost == 0 {
-            return Verdict::Found(found, status, usage);
+            return judged(Verdict::Found(found, status, usage));
         }
         if available < cost {
+            // A rate limit that would refuse the call comes first.
+            if let Some(limit) = found.rate_limit {
+                let limited =
+                    rate_verdict(shared::peek(found.user_id, limit, cost, now), &mut usage);
+                if limited != KeyStatus::Valid {
+                    return judged(Verdict::Found(found, limited, usage));
+                }
+            }
             usage.retry_after = policy::next_refill(credits, refilled_at).map(|at| at - now);
-            return Verdict::Found(found, KeyStatus::UsageExceeded, usage);
+            return judged(Verdict::Found(found, KeyStatus::UsageExceeded, usage));
         }
+        if let Some(limit) = found.rate_limit {
+            let limited = rate_verdict(shared::take(found.user_id, limit, cost, now), &mut usage);
+            if limited != KeyStatus::Valid {
+                return judged(Verdict::Found(found, limited, usage));
+            }
+        }
+        // Tokens this call drew, given back if it does not pass after all.
+        let refund = |found: &FoundKey| {
+            if let Some(limit) = found.rate_limit {
+                shared::refund(found.user_id, limit, cost);
+            }
+        };
         if !store::may_spend_credits() {
-            return Verdict::Found(found, KeyStatus::UsageUnavailable, usage);
+            refund(&found);
+            return judged(Verdict::Found(found, KeyStatus::UsageUnavailable, usage));
         }
         let refill = refilled_at
             .zip(credits.refill)
@@ -122,17 +195,47 @@ pub(super) fn verify_key(
                     store.announce_used_up(found.id);
                 }
                 usage.credits = Some(left);
-                return Verdict::Found(found, KeyStatus::Valid, usage);
+                return judged(Verdict::Found(found, KeyStatus::Valid, usage));
             }
-            Spent::Unavailable => return Verdict::Found(found, KeyStatus::UsageUnavailable, usage),
+            Spent::Unavailable => {
+                refund(&found);
+                return judged(Verdict::Found(found, KeyStatus::UsageUnavailable, usage));
+            }
             // Read the row again, as it is now, and judge it again.
-            Spent::Changed => continue,
+            Spent::Changed => refund(&found),
         }
     }
     // The row kept changing under us: fail closed.
     match store.find_by_hash(hash.as_str(), reading) {
         Some(found) => Verdict::Found(found, KeyStatus::UsageUnavailable, Usage::default()),
         None => Verdict::NotFound,
+    }
+}
+
+/// The status a draw from a rate-limit bucket gives (`Valid`: it passed),
+/// with `retry_after` set when a later call of that cost would pass.
+fn rate_verdict(take: Take, usage: &mut Usage) -> KeyStatus {
+    match take {
+        Take::Passed => KeyStatus::Valid,
+        Take::Limited { retry_after } => {
+            usage.retry_after = Some(retry_after);
+            KeyStatus::RateLimited
+        }
+        Take::Never => KeyStatus::RateLimited,
+        Take::Unavailable => KeyStatus::RateLimitUnavailable,
+    }
+}
+
+/// Writes `last_used_at` of a valid key when it is due and this call may
+/// write: the rule without shared memory.
+fn touch_when_due(store: &store::Store, found: &FoundKey) {
+    if policy::last_used_due(
+        found.last_used_at,
+        clock::transaction_start(),
+        settings::last_used_interval_secs(),
+    ) && store::may_write_last_used()
+    {
+        store.touch_last_used(found.id);
     }
 }
 
@@ -180,7 +283,25 @@ unsafe fn is_empty_array(fcinfo: pg_sys::FunctionCallInfo, num: usize) -> bool {
 /// costs no more than the one-argument form of 0.2.
 #[pg_extern(sql = false)]
 fn mk_verify_v3(fcinfo: pg_sys::FunctionCallInfo) -> Option<pgrx::Uuid> {
+    // SAFETY: our own fcinfo, with the three arguments the 0.3.0 script declares.
+    unsafe { verify_from_fcinfo(fcinfo, Contract::V0_3) }
+}
+
+/// `mk_verify` of 0.4.0: the same arguments, and rate limits, statistics
+/// and (when preloaded) no writes.
+#[pg_extern(sql = false)]
+fn mk_verify_v4(fcinfo: pg_sys::FunctionCallInfo) -> Option<pgrx::Uuid> {
     // SAFETY: our own fcinfo, with the three arguments functions.sql declares.
+    unsafe { verify_from_fcinfo(fcinfo, Contract::V0_4) }
+}
+
+/// # Safety
+/// `fcinfo` is the call's own, with the arguments `(text, text[], integer)`.
+unsafe fn verify_from_fcinfo(
+    fcinfo: pg_sys::FunctionCallInfo,
+    contract: Contract,
+) -> Option<pgrx::Uuid> {
+    // SAFETY: the caller's contract.
     unsafe {
         let key = pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0);
         let cost = checked_cost(pgrx::fcinfo::pg_getarg::<i32>(fcinfo, 2))
@@ -191,12 +312,13 @@ fn mk_verify_v3(fcinfo: pg_sys::FunctionCallInfo) -> Option<pgrx::Uuid> {
                 key,
                 Requirement::None,
                 false,
-                Some(cost),
+                cost,
+                contract,
             ));
         }
         let required_scopes = pgrx::fcinfo::pg_getarg::<Array<&str>>(fcinfo, 1);
         with_requirement(required_scopes, |requirement| {
-            verified_user(verify_key(fcinfo, key, requirement, false, Some(cost)))
+            verified_user(verify_key(fcinfo, key, requirement, false, cost, contract))
         })
     }
 }
@@ -322,11 +444,33 @@ fn mk_verify_detail_v3(
     cost: Option<i32>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) {
+    verify_detail(key, required_scopes, cost, fcinfo, Contract::V0_3);
+}
+
+/// `mk_verify_detail` of 0.4.0: also `rate_limited` and
+/// `rate_limit_unavailable`, and the call is counted in shared memory.
+#[pg_extern(sql = false)]
+fn mk_verify_detail_v4(
+    key: Option<&str>,
+    required_scopes: Option<Array<&str>>,
+    cost: Option<i32>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) {
+    verify_detail(key, required_scopes, cost, fcinfo, Contract::V0_4);
+}
+
+fn verify_detail(
+    key: Option<&str>,
+    required_scopes: Option<Array<&str>>,
+    cost: Option<i32>,
+    fcinfo: pg_sys::FunctionCallInfo,
+    contract: Contract,
+) {
     // SAFETY: our own fcinfo; functions.sql declares rows of these types.
     let row = unsafe { OneRow::begin(fcinfo, &DETAIL_ROW_TYPES) };
     let cost = checked_cost(cost).unwrap_or_else(|e| e.raise("mk_verify_detail"));
     let detail = with_required(required_scopes, |requirement| {
-        detail_of(verify_key(fcinfo, key, requirement, true, Some(cost)))
+        detail_of(verify_key(fcinfo, key, requirement, true, cost, contract))
     });
     detail.put(row);
 }

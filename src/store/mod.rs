@@ -36,7 +36,7 @@ use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use pgrx::PgSqlErrorCode;
 
-use crate::clock::timestamp_or_infinity;
+use crate::clock::{self, timestamp_or_infinity};
 use crate::error::{KeyError, KeyResult};
 use crate::policy::{Micros, LIVE_SQL};
 use own_table::STATEMENT_MARK;
@@ -45,7 +45,7 @@ use row::{found_from_row, inherited_from, issued_row};
 pub(crate) use row::{ActiveKey, FoundKey, IssuedRow, NewKey, Reading};
 use snapshot::ReadSnapshot;
 use write_lock::lock_for_write_without_waiting;
-pub(crate) use write_lock::{may_spend_credits, may_write_last_used};
+pub(crate) use write_lock::{in_recovery, may_spend_credits, may_write_last_used};
 
 /// Installs the analysis hook of [`own_table`]; once per backend, from `_PG_init`.
 pub(crate) fn install_statement_guard() {
@@ -68,6 +68,8 @@ struct KeptPlans {
     /// columns exist only from 0.3.0 on).
     spend: OnceCell<OwnedPreparedStatement>,
     insert_v3: OnceCell<OwnedPreparedStatement>,
+    /// 0.4.0: the insert with the rate-limit columns.
+    insert_v4: OnceCell<OwnedPreparedStatement>,
 }
 
 /// What spending needs to know of a due refill: the `refilled_at` it was
@@ -86,6 +88,8 @@ pub(crate) enum Insert {
     /// Every column; `end_expired`: an expired active key is ended first
     /// (0.3.0 mk_issue_key), instead of answering 23505.
     Columns0_3 { end_expired: bool },
+    /// 0.4.0: every column, the rate limit too.
+    Columns0_4 { end_expired: bool },
 }
 
 /// The outcome of a spend statement.
@@ -150,16 +154,26 @@ impl Store {
         }
     }
 
-    /// Sends one `makima_keys_revoked` event per key id (if this store
-    /// sends events); returns the count.
+    /// Sends a revocation event for each key `ended` (its id and
+    /// `expires_at`) and returns how many there were. A key that had already
+    /// expired is left to the worker when it announces this database's keys
+    /// that end by time (preloaded, since `from`): it announces each once.
     fn announce_revoked(
         &self,
-        ids: impl Iterator<Item = pgrx::spi::SpiResult<Option<pgrx::Uuid>>>,
+        ended: impl Iterator<Item = (pgrx::Uuid, Option<TimestampWithTimeZone>)>,
     ) -> i32 {
+        let worker_announces_from = crate::shared::expiries_announced_from();
+        let now = clock::wall_clock();
         let mut count = 0;
-        for id in ids {
-            let id = id.expect("key id").expect("key id is not null");
-            if self.events {
+        for (id, expires_at) in ended {
+            let announced_by_worker =
+                worker_announces_from
+                    .zip(expires_at)
+                    .is_some_and(|(from, at)| {
+                        let at = pg_sys::TimestampTz::from(at);
+                        at > from && at <= now
+                    });
+            if self.events && !announced_by_worker {
                 announce(id);
             }
             count += 1;
@@ -261,6 +275,7 @@ impl Store {
                     insert,
                     spend: OnceCell::new(),
                     insert_v3: OnceCell::new(),
+                    insert_v4: OnceCell::new(),
                 });
                 KEPT_PLANS.with(|cell| *cell.borrow_mut() = Some(Rc::clone(&plans)));
                 plans
@@ -435,52 +450,78 @@ impl Store {
                     "UPDATE {api_keys} SET revoked_at = expires_at
                       WHERE user_id = $1 AND revoked_at IS NULL
                         AND expires_at <= pg_catalog.clock_timestamp()
-                      RETURNING id",
+                      RETURNING id, expires_at",
                 ),
                 None,
                 &[user_id.into()],
             )
             .expect("end expired key");
-        self.announce_revoked(ended.map(|row| row.get::<pgrx::Uuid>(1))) > 0
+        self.announce_revoked(ended.map(|row| {
+            (
+                row.get::<pgrx::Uuid>(1)
+                    .expect("key id")
+                    .expect("key id is not null"),
+                row.get::<TimestampWithTimeZone>(2).expect("expires_at"),
+            )
+        })) > 0
     }
 
-    /// The 0.3.0 insert: every column, and ON CONFLICT DO NOTHING on the
-    /// one-active-key-per-user index, so that meeting the user's active key
-    /// leaves the transaction usable. `None`: the user has an active key.
+    /// The 0.3.0 insert (and with `rates`, the 0.4.0 one): every column, and
+    /// ON CONFLICT DO NOTHING on the one-active-key-per-user index, so that
+    /// meeting the user's active key leaves the transaction usable. `None`:
+    /// the user has an active key.
     fn insert_v3(
         &self,
         client: &mut SpiClient<'_>,
         args: &[DatumWithOid<'_>],
+        rates: bool,
     ) -> Option<IssuedRow> {
         self.with_kept_plans(client, |client, plans| {
-            let insert = plans.insert_v3.get_or_init(|| {
+            let cell = if rates {
+                &plans.insert_v4
+            } else {
+                &plans.insert_v3
+            };
+            let insert = cell.get_or_init(|| {
+                let (rate_columns, rate_values) = if rates {
+                    (", rate_limit, rate_period", ", $12, $13")
+                } else {
+                    ("", "")
+                };
+                let mut types = oids_of![
+                    pgrx::Uuid,
+                    String,
+                    String,
+                    String,
+                    TimestampWithTimeZone,
+                    Vec<String>,
+                    crate::jsonb::StoredJsonb,
+                    i32,
+                    i32,
+                    Interval,
+                    TimestampWithTimeZone
+                ]
+                .to_vec();
+                if rates {
+                    types.extend_from_slice(&oids_of![i32, Interval]);
+                }
                 // A key that refills starts its schedule now, or (rotation)
                 // keeps the one of the key it replaces.
                 client
                     .prepare_mut(
-                        &self.sql(
-                            "INSERT INTO {api_keys}
+                        &self.sql(&format!(
+                            "INSERT INTO {{api_keys}}
                                     (user_id, key_hash, key_prefix, name, expires_at, scopes,
-                                     metadata, credits, refill_amount, refill_every, refilled_at)
+                                     metadata, credits, refill_amount, refill_every, refilled_at
+                                     {rate_columns})
                              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
                                      CASE WHEN $10::interval IS NOT NULL
-                                          THEN COALESCE($11, pg_catalog.now()) END)
+                                          THEN COALESCE($11, pg_catalog.now()) END
+                                     {rate_values})
                              ON CONFLICT (user_id) WHERE revoked_at IS NULL DO NOTHING
-                             RETURNING id, created_at",
-                        ),
-                        &oids_of![
-                            pgrx::Uuid,
-                            String,
-                            String,
-                            String,
-                            TimestampWithTimeZone,
-                            Vec<String>,
-                            crate::jsonb::StoredJsonb,
-                            i32,
-                            i32,
-                            Interval,
-                            TimestampWithTimeZone
-                        ],
+                             RETURNING id, created_at"
+                        )),
+                        &types,
                     )
                     .expect("prepare key insert")
                     .keep()
@@ -529,9 +570,11 @@ impl Store {
         function: &'static str,
     ) -> IssuedRow {
         self.connect(|client| {
-            if let Insert::Columns0_3 { end_expired } = how {
+            if let Insert::Columns0_3 { end_expired } | Insert::Columns0_4 { end_expired } = how {
+                let rates = matches!(how, Insert::Columns0_4 { .. });
                 let (refill_amount, refill_every) = new.refill.unzip();
-                let args: [DatumWithOid; 11] = [
+                let (rate_limit, rate_period) = new.rate_limit.unzip();
+                let mut args: Vec<DatumWithOid> = vec![
                     user_id.into(),
                     key_hash.into(),
                     key_prefix.into(),
@@ -544,13 +587,17 @@ impl Store {
                     refill_every.into(),
                     new.refilled_at.into(),
                 ];
-                if let Some(row) = self.insert_v3(client, &args) {
+                if rates {
+                    args.push(rate_limit.into());
+                    args.push(rate_period.into());
+                }
+                if let Some(row) = self.insert_v3(client, &args, rates) {
                     return row;
                 }
                 // The user has an active key: if it has expired, it ends
                 // and the insert is tried once more.
                 if end_expired && self.end_expired_active(client, user_id) {
-                    if let Some(row) = self.insert_v3(client, &args) {
+                    if let Some(row) = self.insert_v3(client, &args, rates) {
                         return row;
                     }
                 }
@@ -610,14 +657,18 @@ impl Store {
         user_id: pgrx::Uuid,
         grace: Option<Interval>,
         with_credits: bool,
+        with_rates: bool,
     ) -> Option<ActiveKey> {
         let grace = grace.unwrap_or_else(|| Interval::from_micros(0));
         // The credit columns in RETURNING are the row as locked, after any
         // concurrent spend (this UPDATE sets none of them).
-        let credit_columns = if with_credits {
-            ", k.credits, k.refill_amount, k.refill_every, k.refilled_at"
-        } else {
-            ""
+        let credit_columns = match (with_credits, with_rates) {
+            (true, true) => {
+                ", k.credits, k.refill_amount, k.refill_every, k.refilled_at, \
+                 k.rate_limit, k.rate_period"
+            }
+            (true, false) => ", k.credits, k.refill_amount, k.refill_every, k.refilled_at",
+            (false, _) => "",
         };
         self.connect(|client| {
             // Joined to itself: `old` shows the row as it was before this update.
@@ -645,9 +696,9 @@ impl Store {
                     .expect("key id")
                     .expect("key id is not null");
                 if row.get::<bool>(2).expect("was active") == Some(true) {
-                    active = Some((id, inherited_from(&row, 3, with_credits)));
+                    active = Some((id, inherited_from(&row, 3, with_credits, with_rates)));
                 }
-                ids.push(Ok(Some(id)));
+                ids.push((id, row.get::<TimestampWithTimeZone>(5).expect("expires_at")));
             }
             self.announce_revoked(ids.into_iter());
             let Some((id, active)) = active else {
@@ -656,7 +707,7 @@ impl Store {
                 // may not widen, or a revoke followed by a rotation would hand
                 // out an unlimited key.
                 return with_credits
-                    .then(|| self.latest_key(client, user_id))
+                    .then(|| self.latest_key(client, user_id, with_rates))
                     .flatten();
             };
             if active.credits.is_some() {
@@ -680,21 +731,31 @@ impl Store {
 
     /// What the user's most recently issued key holds, live or not (0.3.0
     /// columns included), for a rotation that finds no active key.
-    fn latest_key(&self, client: &mut SpiClient<'_>, user_id: pgrx::Uuid) -> Option<ActiveKey> {
+    fn latest_key(
+        &self,
+        client: &mut SpiClient<'_>,
+        user_id: pgrx::Uuid,
+        with_rates: bool,
+    ) -> Option<ActiveKey> {
+        let rate_columns = if with_rates {
+            ", rate_limit, rate_period"
+        } else {
+            ""
+        };
         let latest = client
             .select(
-                &self.sql(
+                &self.sql(&format!(
                     "SELECT scopes, metadata, expires_at, created_at, credits, refill_amount,
-                            refill_every, refilled_at
-                       FROM {api_keys} WHERE user_id = $1
-                      ORDER BY created_at DESC, id DESC LIMIT 1",
-                ),
+                            refill_every, refilled_at{rate_columns}
+                       FROM {{api_keys}} WHERE user_id = $1
+                      ORDER BY created_at DESC, id DESC LIMIT 1"
+                )),
                 Some(1),
                 &[user_id.into()],
             )
             .expect("latest key");
         let row = latest.into_iter().next()?;
-        Some(inherited_from(&row, 1, true))
+        Some(inherited_from(&row, 1, true, with_rates))
     }
 
     /// Ends every live key of `user_id`: at `now() + grace` for the active
@@ -705,18 +766,26 @@ impl Store {
         self.connect(|client| {
             let table = client
                 .update(
-                    &self.sql(
-                        "UPDATE {api_keys}
+                    &self.sql(&format!(
+                        "UPDATE {{api_keys}}
                             SET revoked_at = LEAST(COALESCE(revoked_at, 'infinity'),
                                                    pg_catalog.now() + $2)
-                          WHERE user_id = $1 AND {live}
-                          RETURNING id",
-                    ),
+                          WHERE user_id = $1 AND {{live}}
+                          RETURNING id, {}",
+                        expires_at_if_announced()
+                    )),
                     None,
                     &[user_id.into(), grace.into()],
                 )
                 .expect("revoke user keys");
-            self.announce_revoked(table.map(|row| row.get::<pgrx::Uuid>(1)))
+            self.announce_revoked(table.map(|row| {
+                (
+                    row.get::<pgrx::Uuid>(1)
+                        .expect("key id")
+                        .expect("key id is not null"),
+                    row.get::<TimestampWithTimeZone>(2).expect("expires_at"),
+                )
+            }))
         })
     }
 
@@ -733,13 +802,21 @@ impl Store {
                 &self.sql(&format!(
                     "UPDATE {{api_keys}} SET revoked_at = pg_catalog.now()
                       WHERE {column} = $1 AND {{live}}
-                      RETURNING id"
+                      RETURNING id, {}",
+                    expires_at_if_announced()
                 )),
                 None,
                 &[value],
             )
             .expect("revoke key");
-        self.announce_revoked(revoked.map(|row| row.get::<pgrx::Uuid>(1)))
+        self.announce_revoked(revoked.map(|row| {
+            (
+                row.get::<pgrx::Uuid>(1)
+                    .expect("key id")
+                    .expect("key id is not null"),
+                row.get::<TimestampWithTimeZone>(2).expect("expires_at"),
+            )
+        }))
     }
 
     /// `Ok(true)` if this call ended a live key, `Ok(false)` if it had ended.
@@ -766,6 +843,18 @@ impl Store {
     /// Ends the live key stored under `hash`; true if there was one.
     pub(crate) fn revoke_by_hash(&self, hash: &str) -> bool {
         self.connect(|client| self.revoke_where(client, "key_hash", hash.into()) > 0)
+    }
+}
+
+/// What the revoking statements return beside each key id for
+/// `announce_revoked`: `expires_at` when the worker announces this
+/// database's expiries (a database at 0.4.0), NULL otherwise (the column
+/// does not exist before 0.2.0).
+fn expires_at_if_announced() -> &'static str {
+    if crate::shared::expiries_announced_from().is_some() {
+        "expires_at"
+    } else {
+        "NULL::timestamptz"
     }
 }
 

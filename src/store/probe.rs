@@ -11,7 +11,7 @@ use std::ffi::CStr;
 
 use pgrx::prelude::*;
 
-use super::row::{credits_of, FoundKey, Reading};
+use super::row::{credits_of, rate_limit_of, FoundKey, Reading};
 use super::snapshot::ReadSnapshot;
 use super::unguarded;
 use crate::jsonb::StoredJsonb;
@@ -39,6 +39,9 @@ struct Columns {
     refill_amount: Option<usize>,
     refill_every: Option<usize>,
     refilled_at: Option<usize>,
+    // 0.4.0, read by the 0.4.0 entry points when they exist.
+    rate_limit: Option<usize>,
+    rate_period: Option<usize>,
 }
 
 impl Columns {
@@ -61,6 +64,11 @@ impl Columns {
         }
         if reading.labels || reading.scopes {
             last = last.max(self.scopes.unwrap_or(0));
+        }
+        if reading.rates {
+            last = last
+                .max(self.rate_limit.unwrap_or(0))
+                .max(self.rate_period.unwrap_or(0));
         }
         last + 1
     }
@@ -136,6 +144,8 @@ unsafe fn columns(tupdesc: pg_sys::TupleDesc) -> Option<Columns> {
             refill_amount: optional("refill_amount", pg_sys::INT4OID)?,
             refill_every: optional("refill_every", pg_sys::INTERVALOID)?,
             refilled_at: optional("refilled_at", pg_sys::TIMESTAMPTZOID)?,
+            rate_limit: optional("rate_limit", pg_sys::INT4OID)?,
+            rate_period: optional("rate_period", pg_sys::INTERVALOID)?,
         })
     }
 }
@@ -463,6 +473,15 @@ unsafe fn read_row(
             scopes,
             metadata,
             credits,
+            rate_limit: if reading.rates {
+                rate_limit_of(
+                    int(cols.rate_limit),
+                    cols.rate_period
+                        .and_then(|i| Interval::from_datum(values[i], nulls[i])),
+                )
+            } else {
+                None
+            },
         }
     }
 }

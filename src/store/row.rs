@@ -6,6 +6,7 @@ use pgrx::spi::SpiHeapTupleData;
 use crate::clock;
 use crate::jsonb::StoredJsonb;
 use crate::policy::{Credits, Lifetime, Micros};
+use crate::rate::RateLimit;
 
 /// What a lookup should read beyond the columns every verification needs.
 #[derive(Debug, Clone, Copy)]
@@ -14,6 +15,9 @@ pub(crate) struct Reading {
     pub(crate) labels: bool,
     /// `scopes`, for the forms that take required scopes.
     pub(crate) scopes: bool,
+    /// 0.4.0: `rate_limit` and `rate_period`, which only the 0.4.0 entry
+    /// points read (before the update such columns are the application's).
+    pub(crate) rates: bool,
 }
 
 /// A row found by hash. Timestamps are PostgreSQL's microseconds.
@@ -31,6 +35,29 @@ pub(crate) struct FoundKey {
     /// `None`: the key has no credits (unlimited), or the 0.3.0 columns do
     /// not exist yet.
     pub(crate) credits: Option<Credits>,
+    /// 0.4.0: `None` for a key without a rate limit, or when not read.
+    pub(crate) rate_limit: Option<RateLimit>,
+}
+
+/// A key's rate limit from its two columns: both set, or none.
+pub(super) fn rate_limit_of(
+    per_period: Option<i32>,
+    period: Option<Interval>,
+) -> Option<RateLimit> {
+    let limit = RateLimit {
+        per_period: per_period?,
+        period: clock::fixed_length(period?),
+    };
+    // Rows written by our functions are always valid; a row written by
+    // hand with a zero or negative limit must not read as "unlimited".
+    Some(if limit.is_valid() {
+        limit
+    } else {
+        RateLimit {
+            per_period: 0,
+            period: 1,
+        }
+    })
 }
 
 /// The credits of a row from its four columns: a key has credits when
@@ -65,6 +92,8 @@ pub(crate) struct NewKey<'a> {
     pub(crate) credits: Option<i32>,
     pub(crate) refill: Option<(i32, Interval)>,
     pub(crate) refilled_at: Option<TimestampWithTimeZone>,
+    /// 0.4.0: the rate limit (per period, period).
+    pub(crate) rate_limit: Option<(i32, Interval)>,
 }
 
 impl NewKey<'_> {
@@ -87,16 +116,23 @@ pub(crate) struct ActiveKey {
     pub(crate) refill: Option<(i32, Interval)>,
     /// When it was last refilled: the new key refills on the same schedule.
     pub(crate) refilled_at: Option<TimestampWithTimeZone>,
+    /// 0.4.0: its rate limit, which the new key keeps.
+    pub(crate) rate_limit: Option<(i32, Interval)>,
 }
 
 /// What a rotation inherits from a key row read as `scopes, metadata,
 /// expires_at, created_at` and (`with_credits`, 0.3.0) `credits,
-/// refill_amount, refill_every, refilled_at`, starting at column `first`.
+/// refill_amount, refill_every, refilled_at` and (`with_rates`, 0.4.0, only
+/// with credits) `rate_limit, rate_period`, starting at column `first`.
 pub(super) fn inherited_from(
     row: &SpiHeapTupleData<'_>,
     first: usize,
     with_credits: bool,
+    with_rates: bool,
 ) -> ActiveKey {
+    let rate = |offset: usize| (with_credits && with_rates).then_some(first + 8 + offset);
+    let rate_limit = rate(0).and_then(|i| row.get::<i32>(i).expect("rate_limit"));
+    let rate_period = rate(1).and_then(|i| row.get::<Interval>(i).expect("rate_period"));
     let scopes: Option<Vec<Option<String>>> = row.get(first).expect("scopes");
     let expires_at: Option<TimestampWithTimeZone> = row.get(first + 2).expect("expires_at");
     let created_at: Option<TimestampWithTimeZone> = row.get(first + 3).expect("created_at");
@@ -113,6 +149,7 @@ pub(super) fn inherited_from(
         credits: credit(0).and_then(|i| row.get(i).expect("credits")),
         refill: refill_amount.zip(refill_every),
         refilled_at: credit(3).and_then(|i| row.get(i).expect("refilled_at")),
+        rate_limit: rate_limit.zip(rate_period),
     }
 }
 
@@ -161,5 +198,10 @@ pub(super) fn found_from_row(row: &SpiHeapTupleData<'_>, reading: Reading) -> Fo
             optional(row, "refill_every"),
             micros("refilled_at"),
         ),
+        rate_limit: if reading.rates {
+            rate_limit_of(optional(row, "rate_limit"), optional(row, "rate_period"))
+        } else {
+            None
+        },
     }
 }

@@ -71,3 +71,10 @@ unsafe fn lock_with_indexes_without_waiting(relation: pg_sys::Oid, with_toast: b
                 || lock_with_indexes_without_waiting(toast, false))
     }
 }
+
+/// Whether this server is a standby (or still replaying WAL): nothing can
+/// be written, so nothing is recorded as owed to `last_used_at`.
+pub(crate) fn in_recovery() -> bool {
+    // SAFETY: reads shared recovery state, as any backend may.
+    unsafe { pg_sys::RecoveryInProgress() }
+}

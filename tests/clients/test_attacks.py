@@ -227,7 +227,8 @@ def plant_look_alike(db, owner, schema):
                 key_hash varchar(64) NOT NULL, key_prefix varchar(16) NOT NULL, name varchar(255),
                 last_used_at timestamptz, created_at timestamptz NOT NULL DEFAULT now(),
                 revoked_at timestamptz, expires_at timestamptz, scopes text[], metadata jsonb,
-                credits integer, refill_amount integer, refill_every interval, refilled_at timestamptz);
+                credits integer, refill_amount integer, refill_every interval, refilled_at timestamptz,
+                rate_limit integer, rate_period interval);
             CREATE TABLE {schema}.spied (who text);
             GRANT INSERT ON {schema}.spied TO PUBLIC;
             GRANT USAGE ON SCHEMA {schema} TO PUBLIC;

@@ -15,7 +15,7 @@ from test_v020 import (CHANNEL, EVERY_ROW_BEFORE_0_3_0, INIT_PRIVS, assert_same_
                        notifications, payloads, wait_until_past)
 
 USAGE = "makima_keys_usage"
-CURRENT_VERSION = "0.3.0"
+CURRENT_VERSION = "0.4.0"
 DETAIL_COLUMNS = ["status", "key_id", "user_id", "key_prefix", "name", "expires_at", "revoked_at",
                   "scopes", "metadata", "retry_after", "credits"]
 
@@ -491,8 +491,8 @@ OLD_GRANTS = ("GRANT EXECUTE ON FUNCTION mk_verify(text), mk_verify(text, text[]
 NEW_GRANTS = ("GRANT EXECUTE ON FUNCTION mk_verify(text, text[], integer) TO \"{verifier}\";"
               " GRANT EXECUTE ON FUNCTION mk_verify(text, text[], integer),"
               " mk_verify_detail(text, text[], integer),"
-              " mk_issue_key(uuid, text, interval, text[], jsonb, integer, integer, interval),"
-              " mk_rotate_key(uuid, text, interval, text[], jsonb, interval, integer, integer, interval),"
+              " mk_issue_key(uuid, text, interval, text[], jsonb, integer, integer, interval, integer, interval),"
+              " mk_rotate_key(uuid, text, interval, text[], jsonb, interval, integer, integer, interval, integer, interval),"
               " mk_revoke(uuid) TO \"{admin}\"")
 
 
@@ -532,10 +532,10 @@ def test_update_from_0_2_1_keeps_every_key_and_grant_and_equals_a_fresh_install(
         for who, signature, allowed in [
                 (verifier, "mk_verify(text, text[], integer)", True),
                 (verifier, "mk_verify_detail(text, text[], integer)", False),
-                (verifier, "mk_issue_key(uuid, text, interval, text[], jsonb, integer, integer, interval)", False),
+                (verifier, "mk_issue_key(uuid, text, interval, text[], jsonb, integer, integer, interval, integer, interval)", False),
                 (admin, "mk_verify_detail(text, text[], integer)", True),
-                (admin, "mk_issue_key(uuid, text, interval, text[], jsonb, integer, integer, interval)", True),
-                (admin, "mk_rotate_key(uuid, text, interval, text[], jsonb, interval, integer, integer, interval)",
+                (admin, "mk_issue_key(uuid, text, interval, text[], jsonb, integer, integer, interval, integer, interval)", True),
+                (admin, "mk_rotate_key(uuid, text, interval, text[], jsonb, interval, integer, integer, interval, integer, interval)",
                  True)]:
             assert su.execute("SELECT has_function_privilege(%s, %s, 'EXECUTE')",
                               (who, signature)).fetchone()[0] is allowed, (who, signature)

@@ -62,9 +62,14 @@ COLUMNS_0_3_0 = [
     ("refill_every", "interval", False, None),
     ("refilled_at", "timestamp with time zone", False, None),
 ]
+# And what 0.4.0 adds after those.
+COLUMNS_0_4_0 = [
+    ("rate_limit", "integer", False, None),
+    ("rate_period", "interval", False, None),
+]
 
 
-def test_fresh_install_has_exactly_the_seed_schema_plus_one_index_and_seven_columns(new_db):
+def test_fresh_install_has_exactly_the_seed_schema_plus_two_indexes_and_nine_columns(new_db):
     seeded, installed = new_db(), new_db()
     with connect(seeded) as conn:
         run_seed(conn)
@@ -73,14 +78,17 @@ def test_fresh_install_has_exactly_the_seed_schema_plus_one_index_and_seven_colu
         conn.execute(USERS_DDL)
         conn.execute("CREATE EXTENSION makima_keys")
         actual = shape(conn)
-    assert actual["columns"] == expected["columns"] + COLUMNS_0_2_0 + COLUMNS_0_3_0
+    assert actual["columns"] == expected["columns"] + COLUMNS_0_2_0 + COLUMNS_0_3_0 + COLUMNS_0_4_0
     assert actual["constraints"] == expected["constraints"]
     seed_comments = len(expected["comments"])
     assert actual["comments"][:seed_comments] == expected["comments"]
-    assert [c[0] for c in actual["comments"][seed_comments:]] == [9, 10, 11, 12, 13, 14, 15]
-    ours = ("idx_api_keys_key_hash_unique",
-            "CREATE UNIQUE INDEX idx_api_keys_key_hash_unique ON public.api_keys USING btree (key_hash)")
-    assert actual["indexes"] == sorted(expected["indexes"] + [ours])
+    assert [c[0] for c in actual["comments"][seed_comments:]] == [9, 10, 11, 12, 13, 14, 15, 16, 17]
+    ours = [("idx_api_keys_key_hash_unique",
+             "CREATE UNIQUE INDEX idx_api_keys_key_hash_unique ON public.api_keys USING btree (key_hash)"),
+            ("idx_api_keys_ends_at",
+             "CREATE INDEX idx_api_keys_ends_at ON public.api_keys USING btree (LEAST(expires_at, revoked_at))"
+             " WHERE ((expires_at IS NOT NULL) OR (revoked_at IS NOT NULL))")]
+    assert actual["indexes"] == sorted(expected["indexes"] + ours)
 
 
 def test_without_users_table_installs_with_a_notice_and_no_foreign_key(new_db):

@@ -323,7 +323,7 @@ def test_committed_work_survives_a_postmaster_kill(tmp_path):
                 checked = conn.execute(
                     "SELECT count(bt_index_check(i.indexrelid, true)) FROM pg_index i"
                     " WHERE i.indrelid = 'api_keys'::regclass").fetchone()[0]
-                assert checked == 6
+                assert checked == 7
             # and the server is fully usable again
             user = add_user(conn)
             key = conn.execute("SELECT key FROM mk_issue_key(%s)", (user,)).fetchone()[0]

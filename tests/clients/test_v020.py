@@ -27,7 +27,7 @@ DETAIL_COLUMNS = ["status", "key_id", "user_id", "key_prefix", "name",
 LEGACY_DETAIL_COLUMNS = DETAIL_COLUMNS[:5]
 LISTING_COLUMNS = ["id", "user_id", "key_prefix", "name", "created_at", "last_used_at",
                    "expires_at", "revoked_at", "scopes", "metadata", "status",
-                   "credits", "refill_amount", "refill_every", "refilled_at"]
+                   "credits", "refill_amount", "refill_every", "refilled_at", "rate_limit", "rate_period"]
 SEED_COLUMNS = ["id", "user_id", "key_hash", "key_prefix", "name", "last_used_at", "created_at", "revoked_at"]
 
 # Keys that are live at the moment of the query, by the rules of 0.2.0.
@@ -168,6 +168,9 @@ def test_fresh_install_adds_three_nullable_columns_after_the_seed_columns(db, ne
             ("refill_amount", "integer", False, None),
             ("refill_every", "interval", False, None),
             ("refilled_at", "timestamp with time zone", False, None),
+            # 0.4.0
+            ("rate_limit", "integer", False, None),
+            ("rate_period", "interval", False, None),
         ]
         indexes = dict(conn.execute(INDEXES).fetchall())
         for name, definition in seed_indexes:
@@ -772,7 +775,7 @@ def test_mk_keys_lists_every_key_with_its_status_and_no_hash(db):
         # Each row shows the stored values.
         table = conn.execute(
             "SELECT id, user_id, key_prefix, name, created_at, last_used_at, expires_at, revoked_at, scopes, metadata,"
-            " credits, refill_amount, refill_every, refilled_at FROM api_keys").fetchall()
+            " credits, refill_amount, refill_every, refilled_at, rate_limit, rate_period FROM api_keys").fetchall()
         assert {i: tuple(r[:status_at] + r[status_at + 1:]) for i, r in listed.items()} == {
             r[0]: tuple(r) for r in table}
         assert listed[plain_id][5] is not None
@@ -849,8 +852,10 @@ def test_a_fresh_role_may_call_nothing_but_the_two_pure_functions(role, db):
                 WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE'""").fetchall()}
         assert public_execute == {"mk_hash_key(text)", "mk_key_is_well_formed(text)"}
         signatures = ["mk_verify(text,text[],integer)", "mk_verify_detail(text,text[],integer)",
-                      "mk_revoke_key(text)", "mk_issue_key(uuid,text,interval,text[],jsonb,integer,integer,interval)",
-                      "mk_rotate_key(uuid,text,interval,text[],jsonb,interval,integer,integer,interval)"]
+                      "mk_revoke_key(text)",
+                      "mk_issue_key(uuid,text,interval,text[],jsonb,integer,integer,interval,integer,interval)",
+                      "mk_rotate_key(uuid,text,interval,text[],jsonb,interval,integer,integer,interval,integer,interval)",
+                      "mk_key_stats_rows()", "mk_key_stats_reset()"]
         for signature in signatures:
             assert su.execute("SELECT has_function_privilege(%s, %s, 'EXECUTE')",
                               (nobody, signature)).fetchone()[0] is False, signature
@@ -876,13 +881,14 @@ LEGACY_GRANTS = ('GRANT EXECUTE ON FUNCTION mk_verify(text), mk_verify_detail(te
 V020_GRANTS = ('GRANT EXECUTE ON FUNCTION mk_verify(text), mk_verify_detail(text),'
                ' mk_issue_key(uuid, text, interval, text[], jsonb),'
                ' mk_rotate_key(uuid, text, interval, text[], jsonb, interval) TO "{role}"')
-# And on their 0.3.0 signatures, which replace every form of 0.2.0.
+# And on their current signatures (0.3.0 replaced every form of 0.2.0; 0.4.0
+# the issuing ones, carrying their grants).
 CURRENT_GRANTS = ('GRANT EXECUTE ON FUNCTION mk_verify(text, text[], integer), mk_verify_detail(text, text[], integer),'
-                  ' mk_issue_key(uuid, text, interval, text[], jsonb, integer, integer, interval),'
-                  ' mk_rotate_key(uuid, text, interval, text[], jsonb, interval, integer, integer, interval)'
+                  ' mk_issue_key(uuid, text, interval, text[], jsonb, integer, integer, interval, integer, interval),'
+                  ' mk_rotate_key(uuid, text, interval, text[], jsonb, interval, integer, integer, interval, integer, interval)'
                   ' TO "{role}"')
 # The version this build installs; updates go to it through every script.
-CURRENT_VERSION = "0.3.0"
+CURRENT_VERSION = "0.4.0"
 UPDATE = "ALTER EXTENSION makima_keys UPDATE"
 SEED_ROWS = f"SELECT {', '.join(SEED_COLUMNS)} FROM api_keys ORDER BY id"
 
@@ -971,7 +977,8 @@ def test_update_from_0_1_0_keeps_every_key_and_grant_and_adds_the_new_surface(ro
         assert su.execute("SELECT count(*) FROM api_keys WHERE expires_at IS NOT NULL OR scopes IS NOT NULL"
                           " OR metadata IS NOT NULL").fetchone()[0] == 0
         assert [r[0] for r in su.execute(COLUMNS).fetchall()] == SEED_COLUMNS + [
-            "expires_at", "scopes", "metadata", "credits", "refill_amount", "refill_every", "refilled_at"]
+            "expires_at", "scopes", "metadata", "credits", "refill_amount", "refill_every", "refilled_at",
+            "rate_limit", "rate_period"]
         for key, user in live.items():
             assert verify(su, key) == user
             # Keys of 0.1.0 have no scopes: they are unrestricted.
@@ -1168,7 +1175,11 @@ def run(*args):
 
 EVERY_ROW = "SELECT to_jsonb(k)::text FROM api_keys k ORDER BY id"
 # The same without the 0.3.0 columns, to compare rows across the update to 0.3.0.
-EVERY_ROW_BEFORE_0_3_0 = """SELECT (to_jsonb(k) - ARRAY['credits', 'refill_amount', 'refill_every', 'refilled_at'])::text
+EVERY_ROW_BEFORE_0_3_0 = """SELECT (to_jsonb(k) - ARRAY['credits', 'refill_amount', 'refill_every', 'refilled_at',
+                                                           'rate_limit', 'rate_period'])::text
+                              FROM api_keys k ORDER BY id"""
+# Every row without the columns 0.4.0 adds.
+EVERY_ROW_BEFORE_0_4_0 = """SELECT (to_jsonb(k) - ARRAY['rate_limit', 'rate_period'])::text
                               FROM api_keys k ORDER BY id"""
 
 

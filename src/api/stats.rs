@@ -1,0 +1,75 @@
+//! `mk_key_stats` (a view over `mk_key_stats_rows()`) and
+//! `mk_key_stats_reset()`: what the shared tier counted, for this database.
+//! Both need makima_keys preloaded, and raise 55000 otherwise: an empty
+//! view would read as "no verifications". Neither shows key material or
+//! hashes: key ids and counts only.
+
+use pgrx::prelude::*;
+
+use crate::error::KeyError;
+use crate::shared::{self, StatsRow};
+
+fn count(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn timestamp(micros: Option<i64>) -> Option<TimestampWithTimeZone> {
+    micros.and_then(|m| TimestampWithTimeZone::try_from(m).ok())
+}
+
+/// One row per key of this database that shared memory tracks, then one
+/// row (key_id NULL) for the calls that named no key. Declared in
+/// `sql/src/functions.sql`, under the `mk_key_stats` view.
+// pgrx reads the row type from the signature: it cannot be a type alias.
+#[allow(clippy::type_complexity)]
+#[pg_extern(sql = false)]
+fn mk_key_stats_rows() -> TableIterator<
+    'static,
+    (
+        name!(key_id, Option<pgrx::Uuid>),
+        name!(valid, i64),
+        name!(revoked, i64),
+        name!(expired, i64),
+        name!(insufficient_scope, i64),
+        name!(rate_limit_unavailable, i64),
+        name!(rate_limited, i64),
+        name!(usage_exceeded, i64),
+        name!(usage_unavailable, i64),
+        name!(not_found, i64),
+        name!(malformed, i64),
+        name!(last_verified_at, Option<TimestampWithTimeZone>),
+        name!(last_called_at, Option<TimestampWithTimeZone>),
+        name!(since, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let rows = shared::stats_rows()
+        .unwrap_or_else(|| KeyError::StatisticsUnavailable.raise("mk_key_stats"));
+    TableIterator::new(rows.into_iter().map(|row: StatsRow| {
+        let c = row.counts;
+        (
+            row.key_id,
+            count(c[0]),
+            count(c[1]),
+            count(c[2]),
+            count(c[3]),
+            count(c[4]),
+            count(c[5]),
+            count(c[6]),
+            count(c[7]),
+            count(row.not_found),
+            count(row.malformed),
+            timestamp(row.last_valid_at),
+            timestamp(row.last_call_at),
+            timestamp(Some(row.since)),
+        )
+    }))
+}
+
+/// Zeroes this database's counts. What keys are owed to `last_used_at`,
+/// and the rate-limit buckets, are kept.
+#[pg_extern(sql = false)]
+fn mk_key_stats_reset() {
+    if !shared::reset_stats() {
+        KeyError::StatisticsUnavailable.raise("mk_key_stats_reset");
+    }
+}
