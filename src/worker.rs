@@ -1,7 +1,7 @@
 //! The background workers of the shared tier (only when preloaded).
 //!
-//! - The **launcher** connects to no database, so it never blocks a `DROP
-//!   DATABASE`. Every `makima_keys.flush_interval` seconds it starts one
+//! - The **launcher** is connected to no database, so it never blocks a
+//!   `DROP DATABASE`. Every `makima_keys.flush_interval` seconds it starts one
 //!   short-lived **flush worker** per database in the shared list, one at a
 //!   time, waits for it to exit, then makes room in the shared hashes. On a
 //!   standby it only makes room.
@@ -35,7 +35,11 @@ pub(crate) fn register_launcher() {
         .set_type("makima_keys launcher")
         .set_library("makima_keys")
         .set_function("mk_launcher_main")
-        .enable_shmem_access(None)
+        // A database connection (to no database, below) is what makes
+        // PostgreSQL handle SIGUSR1 in a worker: without it the postmaster's
+        // notice that a flush worker exited is lost, and the wait for it
+        // never ends. It also lists the launcher in pg_stat_activity.
+        .enable_spi_access()
         .set_start_time(BgWorkerStartTime::ConsistentState)
         .set_restart_time(Some(Duration::from_secs(5)))
         .load();
@@ -46,6 +50,9 @@ pub(crate) fn register_launcher() {
 #[no_mangle]
 pub extern "C-unwind" fn mk_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // Connected to no database, as PostgreSQL's logical replication
+    // launcher is: shared catalogs only, and no DROP DATABASE waits for it.
+    BackgroundWorker::connect_worker_to_spi(None, None);
     // SAFETY: a plain read of this process's pid.
     shared::set_launcher_pid(unsafe { pg_sys::MyProcPid });
     let mut next_round = clock::wall_clock() + interval_micros();
