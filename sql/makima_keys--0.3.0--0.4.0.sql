@@ -211,6 +211,34 @@ VOLATILE PARALLEL UNSAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'mk_key_stats_reset_wrapper';
 
+-- No grant but the owner's on what this update created, whatever default
+-- privileges the updating role has: only the grants carried below, and the
+-- Privileges recipes, let anyone in.
+DO $no_default_grants$
+DECLARE
+    grant_row record;
+BEGIN
+    FOR grant_row IN
+        SELECT pg_catalog.format('FUNCTION %s', p.oid::pg_catalog.regprocedure) AS object, a.grantee
+          FROM pg_catalog.pg_proc p
+          JOIN pg_catalog.pg_extension e ON e.extname = 'makima_keys' AND p.pronamespace = e.extnamespace
+         CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) a
+         WHERE p.proname IN ('mk_issue_key', 'mk_rotate_key', 'mk_key_stats_rows', 'mk_key_stats_reset')
+           AND a.grantee <> p.proowner AND a.grantee <> 0
+        UNION
+        SELECT pg_catalog.format('TABLE %s', c.oid::pg_catalog.regclass), a.grantee
+          FROM pg_catalog.pg_class c
+          JOIN pg_catalog.pg_extension e ON e.extname = 'makima_keys' AND c.relnamespace = e.extnamespace
+         CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a
+         WHERE c.relname = 'mk_key_stats' AND c.relkind = 'v'
+           AND a.grantee <> c.relowner AND a.grantee <> 0
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON %s FROM %I', grant_row.object,
+                                  (SELECT r.rolname FROM pg_catalog.pg_roles r WHERE r.oid = grant_row.grantee));
+    END LOOP;
+END
+$no_default_grants$;
+
 -- Privileges: none for PUBLIC, as on a fresh install; then the EXECUTE
 -- grants of each replaced function carried over to its successor.
 REVOKE ALL ON FUNCTION mk_issue_key(uuid, text, interval, text[], jsonb, integer, integer, interval, integer, interval) FROM PUBLIC;

@@ -1033,6 +1033,21 @@ mod tests {
         .unwrap();
         assert_eq!(status(Some(&key)), "rate_limit_unavailable");
         assert_eq!(verify(&key), None);
+        // A peek too: a limit that cannot be kept is never skipped.
+        let peek = Spi::get_one_with_args::<String>(
+            "SELECT status FROM mk_verify_detail($1, cost => 0)",
+            &[key.as_str().into()],
+        );
+        assert_eq!(peek.unwrap().as_deref(), Some("rate_limit_unavailable"));
+        // Half a limit written by hand is no limit that could pass, never
+        // "unlimited".
+        Spi::run_with_args(
+            "UPDATE api_keys SET rate_period = NULL WHERE id = $1",
+            &[id.into()],
+        )
+        .unwrap();
+        assert_eq!(status(Some(&key)), "rate_limit_unavailable");
+        assert_eq!(verify(&key), None);
         // A rotation inherits the limit, so it is refused too, and the old
         // key is not ended.
         assert_eq!(

@@ -51,12 +51,22 @@ pub(crate) struct Bucket {
 /// What a charge of `cost` tokens gives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Charge {
-    /// Passed; the bucket holds the new state.
-    Passed,
+    /// Passed; the bucket holds the new state. The receipt is what a
+    /// refund needs.
+    Passed(Receipt),
     /// Refused: a call of that cost passes after this many microseconds.
     Limited { retry_after: Micros },
     /// Refused for ever: the cost is more than the whole bucket.
     Never,
+}
+
+/// What a passed charge drew: `cost` tokens, the last of which the bucket
+/// owed until `tat` (scaled, under `limit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Receipt {
+    tat: i128,
+    limit: RateLimit,
+    cost: i32,
 }
 
 impl Bucket {
@@ -74,6 +84,9 @@ impl Bucket {
         if self.limit == limit {
             return self;
         }
+        if !self.limit.is_valid() {
+            return Bucket::full(limit);
+        }
         let full_at = self.tat / i128::from(self.limit.per_period);
         Bucket {
             tat: full_at.saturating_mul(i128::from(limit.per_period)),
@@ -90,10 +103,19 @@ impl Bucket {
     /// Charges `cost` tokens at `now` under `limit`. A cost of 0 always
     /// passes and changes nothing.
     pub(crate) fn charge(&mut self, limit: RateLimit, cost: i32, now: Micros) -> Charge {
+        // A limit no issuing function writes (a row changed by hand) passes
+        // nothing and leaves the bucket as it is.
+        if !limit.is_valid() {
+            return Charge::Never;
+        }
         let bucket = self.under(limit);
         if cost <= 0 {
             *self = bucket;
-            return Charge::Passed;
+            return Charge::Passed(Receipt {
+                tat: bucket.tat,
+                limit,
+                cost: 0,
+            });
         }
         if cost > limit.per_period {
             *self = bucket;
@@ -107,7 +129,11 @@ impl Bucket {
                 tat: new_tat,
                 limit,
             };
-            Charge::Passed
+            Charge::Passed(Receipt {
+                tat: new_tat,
+                limit,
+                cost,
+            })
         } else {
             *self = bucket;
             // Round up to whole microseconds: retrying that late passes.
@@ -119,12 +145,17 @@ impl Bucket {
         }
     }
 
-    /// Gives back `cost` tokens charged earlier (the call that charged them
-    /// failed for another reason before it passed).
-    pub(crate) fn refund(&mut self, limit: RateLimit, cost: i32) {
-        if self.limit == limit && cost > 0 {
-            self.tat -= i128::from(cost) * i128::from(limit.period);
+    /// Gives back what a charge drew (the call failed for another reason
+    /// before it passed), at `now`: only the part the bucket still owes.
+    /// Tokens that time has earned back since are not given a second time,
+    /// so a late refund never lets more than the limit through.
+    pub(crate) fn refund(&mut self, receipt: Receipt, now: Micros) {
+        if self.limit != receipt.limit || receipt.cost <= 0 {
+            return;
         }
+        let drawn = i128::from(receipt.cost) * i128::from(receipt.limit.period);
+        let still_owed = (receipt.tat - receipt.limit.scaled(now)).clamp(0, drawn);
+        self.tat -= still_owed;
     }
 }
 
@@ -138,14 +169,16 @@ mod tests {
         RateLimit { per_period, period }
     }
 
+    fn passed(charge: Charge) -> bool {
+        matches!(charge, Charge::Passed(_))
+    }
+
     #[test]
     fn a_full_bucket_passes_exactly_its_limit_at_once() {
         let l = limit(5, 60 * SECOND);
         let mut b = Bucket::full(l);
         let now = 1_000 * SECOND;
-        let passed = (0..20)
-            .filter(|_| b.charge(l, 1, now) == Charge::Passed)
-            .count();
+        let passed = (0..20).filter(|_| passed(b.charge(l, 1, now))).count();
         assert_eq!(passed, 5);
     }
 
@@ -155,7 +188,7 @@ mod tests {
         let mut b = Bucket::full(l);
         let t0 = 1_000 * SECOND;
         for _ in 0..5 {
-            assert_eq!(b.charge(l, 1, t0), Charge::Passed);
+            assert!(passed(b.charge(l, 1, t0)));
         }
         assert_eq!(
             b.charge(l, 1, t0),
@@ -167,7 +200,7 @@ mod tests {
             b.charge(l, 1, t0 + 12 * SECOND - 1),
             Charge::Limited { retry_after: 1 }
         ));
-        assert_eq!(b.charge(l, 1, t0 + 12 * SECOND), Charge::Passed);
+        assert!(passed(b.charge(l, 1, t0 + 12 * SECOND)));
         assert!(matches!(
             b.charge(l, 1, t0 + 12 * SECOND),
             Charge::Limited { .. }
@@ -182,7 +215,7 @@ mod tests {
         let l = limit(3, 10);
         let mut b = Bucket::full(l);
         let passed = (0..=1_000_000)
-            .filter(|t| b.charge(l, 1, *t) == Charge::Passed)
+            .filter(|t| passed(b.charge(l, 1, *t)))
             .count();
         assert_eq!(passed, 300_003);
     }
@@ -192,25 +225,62 @@ mod tests {
         let l = limit(10, SECOND);
         let mut b = Bucket::full(l);
         assert_eq!(b.charge(l, 11, 0), Charge::Never);
-        assert_eq!(b.charge(l, 7, 0), Charge::Passed);
+        assert!(passed(b.charge(l, 7, 0)));
         assert_eq!(
             b.charge(l, 4, 0),
             Charge::Limited {
                 retry_after: SECOND / 10
             }
         );
-        assert_eq!(b.charge(l, 3, 0), Charge::Passed);
-        assert_eq!(b.charge(l, 0, 0), Charge::Passed);
+        assert!(passed(b.charge(l, 3, 0)));
+        assert!(passed(b.charge(l, 0, 0)));
     }
 
     #[test]
     fn a_refund_gives_back_what_was_charged() {
         let l = limit(2, SECOND);
         let mut b = Bucket::full(l);
-        assert_eq!(b.charge(l, 2, 0), Charge::Passed);
+        let Charge::Passed(receipt) = b.charge(l, 2, 0) else {
+            panic!("a full bucket passes its limit")
+        };
         assert!(matches!(b.charge(l, 1, 0), Charge::Limited { .. }));
-        b.refund(l, 1);
-        assert_eq!(b.charge(l, 1, 0), Charge::Passed);
+        b.refund(receipt, 0);
+        assert!(passed(b.charge(l, 1, 0)));
+        assert!(passed(b.charge(l, 1, 0)));
+        assert!(!passed(b.charge(l, 1, 0)));
+    }
+
+    #[test]
+    fn a_late_refund_never_gives_back_what_time_already_did() {
+        // 2 per second. A call draws 2 at 0 and fails much later, after the
+        // bucket refilled and a sibling drained it again: refunding the 2
+        // then would let 4 through at once.
+        let l = limit(2, SECOND);
+        let mut b = Bucket::full(l);
+        let Charge::Passed(receipt) = b.charge(l, 2, 0) else {
+            panic!("a full bucket passes its limit")
+        };
+        let later = 10 * SECOND;
+        assert!(passed(b.charge(l, 2, later)));
+        b.refund(receipt, later);
+        assert!(!passed(b.charge(l, 1, later)));
+        // Half a second after the draw, one of its two tokens was earned
+        // back already: the refund gives back one.
+        let mut b = Bucket::full(l);
+        let Charge::Passed(receipt) = b.charge(l, 2, 0) else {
+            panic!("a full bucket passes its limit")
+        };
+        b.refund(receipt, SECOND / 2);
+        assert!(passed(b.charge(l, 2, SECOND / 2)));
+        assert!(!passed(b.charge(l, 1, SECOND / 2)));
+    }
+
+    #[test]
+    fn a_limit_no_function_writes_passes_nothing() {
+        let mut b = Bucket::full(limit(5, SECOND));
+        assert_eq!(b.charge(limit(0, 1), 1, 0), Charge::Never);
+        assert_eq!(b.charge(limit(5, 0), 1, 0), Charge::Never);
+        assert!(passed(b.charge(limit(5, SECOND), 5, 0)));
     }
 
     #[test]
@@ -218,7 +288,7 @@ mod tests {
         let l = limit(4, SECOND);
         let mut b = Bucket::full(l);
         assert!(b.is_full(0));
-        assert_eq!(b.charge(l, 4, 0), Charge::Passed);
+        assert!(passed(b.charge(l, 4, 0)));
         assert!(!b.is_full(SECOND - 1));
         assert!(b.is_full(SECOND));
     }
@@ -228,10 +298,10 @@ mod tests {
         let old = limit(10, SECOND);
         let new = limit(100, SECOND);
         let mut b = Bucket::full(old);
-        assert_eq!(b.charge(old, 10, 0), Charge::Passed);
+        assert!(passed(b.charge(old, 10, 0)));
         // Empty under the old limit: full again at 1 s. Under the new one
         // (a token every 10 ms) that is 100 tokens owed, so nothing passes.
         assert!(matches!(b.charge(new, 1, 0), Charge::Limited { .. }));
-        assert_eq!(b.charge(new, 1, SECOND / 100), Charge::Passed);
+        assert!(passed(b.charge(new, 1, SECOND / 100)));
     }
 }

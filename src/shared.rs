@@ -22,7 +22,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::policy::{KeyStatus, Micros};
-use crate::rate::{Bucket, Charge, RateLimit};
+use crate::rate::{Bucket, Charge, RateLimit, Receipt};
 use crate::settings;
 
 /// Lock partitions of each hash (a power of two, as dynahash needs).
@@ -72,6 +72,9 @@ struct EntryKey {
 #[derive(Clone, Copy)]
 pub(crate) struct StatsEntry {
     key: EntryKey,
+    /// Written as 0: the state file copies entries byte for byte, and no
+    /// byte of them may be left uninitialised.
+    padding: u32,
     pub(crate) counts: [u64; COUNTED.len()],
     /// The last successful verification.
     pub(crate) last_valid_at: Micros,
@@ -89,9 +92,12 @@ pub(crate) struct StatsEntry {
 #[derive(Clone, Copy)]
 struct BucketEntry {
     key: EntryKey,
+    /// Written as 0, as in `StatsEntry`.
+    padding: u32,
     tat_high: i64,
     tat_low: u64,
     per_period: i32,
+    padding_2: i32,
     period: Micros,
 }
 
@@ -107,6 +113,8 @@ impl BucketEntry {
     }
 
     fn set(&mut self, bucket: Bucket) {
+        self.padding = 0;
+        self.padding_2 = 0;
         self.tat_high = (bucket.tat >> 64) as i64;
         self.tat_low = bucket.tat as u64;
         self.per_period = bucket.limit.per_period;
@@ -250,7 +258,12 @@ unsafe extern "C-unwind" fn start_shmem() {
         }
     }
     let capacity = settings::max_tracked_keys();
-    let flags = (pg_sys::HASH_ELEM | pg_sys::HASH_BLOBS | pg_sys::HASH_PARTITION) as i32;
+    // HASH_FIXED_SIZE: every entry is allocated here, at start; a full
+    // hash never takes the spare shared memory PostgreSQL's own tables
+    // (locks, predicate locks) grow into.
+    let flags =
+        (pg_sys::HASH_ELEM | pg_sys::HASH_BLOBS | pg_sys::HASH_PARTITION | pg_sys::HASH_FIXED_SIZE)
+            as i32;
     // SAFETY: the shmem startup hook, under AddinShmemInitLock as
     // PostgreSQL asks (MainLWLockArray[21] in 15 to 18).
     unsafe {
@@ -385,6 +398,7 @@ fn with_entry<E: Copy, R>(
 
 fn new_stats(now: Micros) -> impl FnOnce(&mut StatsEntry) {
     move |e| {
+        e.padding = 0;
         e.counts = [0; COUNTED.len()];
         e.last_valid_at = NEVER;
         e.last_call_at = NEVER;
@@ -441,7 +455,8 @@ pub(crate) fn record_unknown(malformed: bool) {
 /// What a rate-limited call gets from its user's bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Take {
-    Passed,
+    /// Passed; the receipt gives back what was drawn if the call fails.
+    Passed(Receipt),
     Limited {
         retry_after: Micros,
     },
@@ -469,7 +484,7 @@ pub(crate) fn take(user: pgrx::Uuid, limit: RateLimit, cost: i32, now: Micros) -
             let charge = bucket.charge(limit, cost, now);
             e.set(bucket);
             match charge {
-                Charge::Passed => Take::Passed,
+                Charge::Passed(receipt) => Take::Passed(receipt),
                 Charge::Limited { retry_after } => Take::Limited { retry_after },
                 Charge::Never => Take::Never,
             }
@@ -508,30 +523,35 @@ pub(crate) fn peek(user: pgrx::Uuid, limit: RateLimit, cost: i32, now: Micros) -
     };
     let mut copy = bucket;
     match copy.charge(limit, cost, now) {
-        Charge::Passed => Take::Passed,
+        Charge::Passed(receipt) => Take::Passed(receipt),
         Charge::Limited { retry_after } => Take::Limited { retry_after },
         Charge::Never => Take::Never,
     }
 }
 
-/// Gives back what `take` charged, for a call that then failed.
-pub(crate) fn refund(user: pgrx::Uuid, limit: RateLimit, cost: i32) {
+/// Gives back, at `now`, what `take` drew for a call that then failed. A
+/// bucket that is gone (dropped once full) owes nothing.
+pub(crate) fn refund(user: pgrx::Uuid, receipt: Receipt, now: Micros) {
     let Some(s) = shared() else { return };
-    // SAFETY: the control struct lives as long as the server.
-    let control = unsafe { &*s.control };
-    let _ = with_entry(
-        s,
-        s.buckets,
-        PARTITIONS,
-        &control.tracked_buckets,
-        key_of(user),
-        |e: &mut BucketEntry| e.set(Bucket::full(limit)),
-        |e: &mut BucketEntry| {
-            let mut bucket = e.bucket();
-            bucket.refund(limit, cost);
-            e.set(bucket);
-        },
-    );
+    let key = key_of(user);
+    // SAFETY: as in `with_entry`; only ever finds.
+    unsafe {
+        let hash = pg_sys::get_hash_value(s.buckets, ptr::addr_of!(key).cast());
+        let _held = Held::take(s, PARTITIONS + hash as usize % PARTITIONS, true);
+        let entry = pg_sys::hash_search_with_hash_value(
+            s.buckets,
+            ptr::addr_of!(key).cast(),
+            hash,
+            pg_sys::HASHACTION::HASH_FIND,
+            ptr::null_mut(),
+        )
+        .cast::<BucketEntry>();
+        if !entry.is_null() {
+            let mut bucket = (*entry).bucket();
+            bucket.refund(receipt, now);
+            (*entry).set(bucket);
+        }
+    }
 }
 
 fn slot_at(s: Shared, index: usize) -> &'static DatabaseSlot {
@@ -947,6 +967,7 @@ fn pull<T: Copy>(input: &mut &[u8]) -> Option<T> {
 #[derive(Clone, Copy)]
 struct SavedSlot {
     db: u32,
+    padding: u32,
     not_found: u64,
     malformed: u64,
     since: Micros,
@@ -956,8 +977,11 @@ struct SavedSlot {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn save_state_at_exit(code: i32, _arg: pg_sys::Datum) {
-    // After a crash shared memory is not to be trusted: start afresh.
-    if code != 0 {
+    // After a crash shared memory is not to be trusted: start afresh. An
+    // immediate shutdown exits with code 0 but killed backends in the
+    // middle of their work, as a crash does: only a shutdown that wrote
+    // its shutdown checkpoint saves.
+    if code != 0 || !shut_down_cleanly() {
         return;
     }
     let Some(s) = shared() else { return };
@@ -975,6 +999,7 @@ unsafe extern "C-unwind" fn save_state_at_exit(code: i32, _arg: pg_sys::Datum) {
         .filter(|slot| slot.db.load(Ordering::Relaxed) != 0)
         .map(|slot| SavedSlot {
             db: slot.db.load(Ordering::Relaxed),
+            padding: 0,
             not_found: slot.not_found.load(Ordering::Relaxed),
             malformed: slot.malformed.load(Ordering::Relaxed),
             since: slot.since.load(Ordering::Relaxed),
@@ -999,6 +1024,20 @@ unsafe extern "C-unwind" fn save_state_at_exit(code: i32, _arg: pg_sys::Datum) {
     if std::fs::write(&temporary, &out).is_ok() {
         let _ = std::fs::rename(&temporary, STATE_FILE);
     }
+}
+
+/// Whether the control file says the cluster shut down cleanly (a primary
+/// or a standby), as it does only after the shutdown checkpoint.
+fn shut_down_cleanly() -> bool {
+    let read = std::panic::AssertUnwindSafe(|| {
+        let mut crc_ok = false;
+        // SAFETY: reads the control file of our own data directory.
+        let state = unsafe { (*pg_sys::get_controlfile(pg_sys::DataDir, &mut crc_ok)).state };
+        crc_ok
+            && (state == pg_sys::DBState::DB_SHUTDOWNED
+                || state == pg_sys::DBState::DB_SHUTDOWNED_IN_RECOVERY)
+    });
+    PgTryBuilder::new(read).catch_others(|_| false).execute()
 }
 
 /// Every entry of `table`, copied.

@@ -56,22 +56,51 @@ pub extern "C-unwind" fn mk_launcher_main(_arg: pg_sys::Datum) {
     // SAFETY: a plain read of this process's pid.
     shared::set_launcher_pid(unsafe { pg_sys::MyProcPid });
     let mut next_round = clock::wall_clock() + interval_micros();
-    loop {
-        let wait = (next_round - clock::wall_clock()).max(0) as u64;
-        if !BackgroundWorker::wait_latch(Some(Duration::from_micros(wait))) {
-            break;
-        }
+    // The flags are checked before every wait, not only after one: a
+    // signal that came during a round had its wake-up used by the wait for
+    // the flush worker, and would otherwise be seen one interval late (at
+    // 3600 s, a fast shutdown would give up on us).
+    while !stop_requested() {
         if BackgroundWorker::sighup_received() {
             // SAFETY: the documented way for a worker to reread its settings.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             next_round = next_round.min(clock::wall_clock() + interval_micros());
         }
-        if clock::wall_clock() < next_round {
+        let wait = next_round - clock::wall_clock();
+        if wait > 0 {
+            if !BackgroundWorker::wait_latch(Some(Duration::from_micros(wait as u64))) {
+                break;
+            }
             continue;
         }
         round();
         next_round = clock::wall_clock() + interval_micros();
     }
+}
+
+/// Whether SIGTERM came, remembered: pgrx's flag is cleared by each read.
+fn stop_requested() -> bool {
+    static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if BackgroundWorker::sigterm_received() {
+        STOPPING.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    STOPPING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether `db` is in pg_database (the launcher reads shared catalogs only).
+fn database_exists(db: pg_sys::Oid) -> bool {
+    BackgroundWorker::transaction(|| {
+        // SAFETY: a syscache lookup of a shared catalog, in a transaction.
+        unsafe {
+            pg_sys::SearchSysCacheExists(
+                pg_sys::SysCacheIdentifier::DATABASEOID as i32,
+                pg_sys::Datum::from(db),
+                pg_sys::Datum::from(0),
+                pg_sys::Datum::from(0),
+                pg_sys::Datum::from(0),
+            )
+        }
+    })
 }
 
 fn interval_micros() -> Micros {
@@ -83,7 +112,7 @@ fn round() {
     // SAFETY: reads shared recovery state.
     if !unsafe { pg_sys::RecoveryInProgress() } {
         for (index, db) in shared::databases() {
-            if BackgroundWorker::sigterm_received() {
+            if stop_requested() {
                 return;
             }
             shared::set_worker_state(index, WorkerState::Starting);
@@ -105,12 +134,14 @@ fn round() {
                 return;
             }
             match shared::worker_state(index) {
-                // It never connected: the database is gone (or refuses
-                // connections). Its keys' entries are dropped.
-                WorkerState::Starting | WorkerState::NoExtension => {
-                    shared::forget_database(index, db)
-                }
-                WorkerState::Connected | WorkerState::Done => {}
+                // It never connected. Only a database that is gone is
+                // forgotten: one that refuses connections for a while
+                // (ALLOW_CONNECTIONS false) keeps its budgets and what its
+                // keys are owed.
+                WorkerState::Starting if !database_exists(db) => shared::forget_database(index, db),
+                // Dropping makima_keys dropped its keys.
+                WorkerState::NoExtension => shared::forget_database(index, db),
+                WorkerState::Starting | WorkerState::Connected | WorkerState::Done => {}
             }
         }
     }
@@ -149,6 +180,7 @@ pub extern "C-unwind" fn mk_flush_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), None);
     shared::set_worker_state(index, WorkerState::Connected);
+    override_database_settings();
 
     let Some(table) = BackgroundWorker::transaction(find_table) else {
         shared::set_worker_state(index, WorkerState::NoExtension);
@@ -158,7 +190,7 @@ pub extern "C-unwind" fn mk_flush_main(arg: pg_sys::Datum) {
     let started = std::time::Instant::now();
     let mut paid = 0;
     for batch in owed.chunks(FLUSH_BATCH) {
-        if BackgroundWorker::sigterm_received() {
+        if stop_requested() {
             return;
         }
         let written = BackgroundWorker::transaction(|| write_last_used(&table, batch));
@@ -185,6 +217,36 @@ pub extern "C-unwind" fn mk_flush_main(arg: pg_sys::Datum) {
     shared::set_worker_state(index, WorkerState::Done);
 }
 
+/// The settings this worker runs with, whatever `ALTER DATABASE ... SET`
+/// or `ALTER ROLE ... SET` say (both apply to a background worker, and the
+/// database's owner may set the first): as autovacuum does, an empty
+/// search_path, so that no name in our statements resolves to an object
+/// the owner planted while this process still has the superuser's rights;
+/// and transactions that can write, wait for nothing long, and end. What a
+/// round cannot finish stays owed for the next.
+fn override_database_settings() {
+    for (name, value) in [
+        (c"search_path", c""),
+        (c"default_transaction_read_only", c"off"),
+        (c"default_transaction_isolation", c"read committed"),
+        (c"statement_timeout", c"10s"),
+        (c"lock_timeout", c"1s"),
+        (c"idle_in_transaction_session_timeout", c"0"),
+        (c"synchronous_commit", c"local"),
+    ] {
+        // SAFETY: sets a built-in setting by name, as PostgreSQL's own
+        // workers do at start.
+        unsafe {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            )
+        };
+    }
+}
+
 /// Our `api_keys` in this database: its quoted name and its owner.
 struct Table {
     name: String,
@@ -195,12 +257,13 @@ fn find_table() -> Option<Table> {
     Spi::connect(|client| {
         let found = client
             .select(
-                "SELECT pg_catalog.quote_ident(n.nspname) || '.api_keys', c.relowner
+                "SELECT pg_catalog.concat(pg_catalog.quote_ident(n.nspname), '.api_keys'), c.relowner
                    FROM pg_catalog.pg_extension e
-                   JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
-                   JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid
-                  WHERE e.extname = 'makima_keys' AND c.relname = 'api_keys'
-                    AND c.relkind = 'r'",
+                   JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
+                   JOIN pg_catalog.pg_class c ON c.relnamespace OPERATOR(pg_catalog.=) n.oid
+                  WHERE e.extname OPERATOR(pg_catalog.=) 'makima_keys'
+                    AND c.relname OPERATOR(pg_catalog.=) 'api_keys'
+                    AND c.relkind OPERATOR(pg_catalog.=) 'r'",
                 Some(1),
                 &[],
             )
@@ -216,7 +279,8 @@ fn find_table() -> Option<Table> {
 /// Runs `f` with the rights of the table's owner, as a security-restricted
 /// operation (as autovacuum and REFRESH MATERIALIZED VIEW do), with only
 /// pg_catalog on the search path: a trigger the owner wrote runs as the
-/// owner, never as the superuser this worker connected as.
+/// owner, never as the superuser this worker connected as. (Timeouts: see
+/// `override_database_settings`.)
 fn as_owner<R>(table: &Table, f: impl FnOnce() -> R) -> R {
     let mut saved_user = pg_sys::InvalidOid;
     let mut saved_context = 0;
@@ -231,14 +295,8 @@ fn as_owner<R>(table: &Table, f: impl FnOnce() -> R) -> R {
                 | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
         );
     }
-    // lock_timeout: DDL holding api_keys (VACUUM FULL, DROP EXTENSION) ends
-    // this round with an error instead of stalling every database's round;
-    // what is owed stays owed for the next one.
-    Spi::run(
-        "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true),
-                pg_catalog.set_config('lock_timeout', '1s', true)",
-    )
-    .expect("pin search_path and lock_timeout");
+    Spi::run("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)")
+        .expect("pin search_path");
     let result = f();
     // SAFETY: restores what was saved above.
     unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_context) };
@@ -255,13 +313,19 @@ fn write_last_used(table: &Table, batch: &[(pgrx::Uuid, Micros)]) -> Vec<pgrx::U
         .map(|(_, at)| TimestampWithTimeZone::try_from(*at).expect("a verification time"))
         .collect();
     let interval = settings::last_used_interval_secs();
+    // Only due rows are locked (a row lock is a WAL record and a dirtied
+    // page): a key verified again within last_used_interval costs nothing.
+    // Done: the rows written, those not due, and those gone. A due row that
+    // another transaction holds stays owed.
     let sql = format!(
         "WITH owed AS (
               SELECT o.id, o.used_at
                 FROM ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::timestamptz[]))
                      AS o(id, used_at)),
           locked AS (
-              SELECT k.id FROM {t} k WHERE k.id = ANY ($1)
+              SELECT k.id FROM {t} k JOIN owed o ON o.id = k.id
+               WHERE k.last_used_at IS NULL
+                  OR k.last_used_at < o.used_at - pg_catalog.make_interval(secs => $3)
                ORDER BY k.id FOR UPDATE OF k SKIP LOCKED),
           written AS (
               UPDATE {t} k SET last_used_at = o.used_at
@@ -272,7 +336,11 @@ fn write_last_used(table: &Table, batch: &[(pgrx::Uuid, Micros)]) -> Vec<pgrx::U
                RETURNING k.id)
          SELECT l.id FROM locked l
          UNION ALL
-         SELECT o.id FROM owed o WHERE NOT EXISTS (SELECT FROM {t} k WHERE k.id = o.id)",
+         SELECT o.id FROM owed o
+          WHERE NOT EXISTS (SELECT FROM {t} k
+                             WHERE k.id = o.id
+                               AND (k.last_used_at IS NULL
+                                    OR k.last_used_at < o.used_at - pg_catalog.make_interval(secs => $3)))",
         t = table.name
     );
     as_owner(table, || {

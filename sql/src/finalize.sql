@@ -38,6 +38,38 @@ BEGIN
 END
 $our_names$;
 
+-- No grant but the owner's on what this script created, whatever default
+-- privileges the installing role has (ALTER DEFAULT PRIVILEGES ... GRANT
+-- EXECUTE ON FUNCTIONS TO app would otherwise let a verify-only role issue
+-- keys): the Privileges recipes are the only way in. PUBLIC's EXECUTE is
+-- revoked below, except on the two pure functions.
+DO $no_default_grants$
+DECLARE
+    grant_row record;
+BEGIN
+    FOR grant_row IN
+        SELECT pg_catalog.format('FUNCTION %s', p.oid::pg_catalog.regprocedure) AS object, a.grantee
+          FROM pg_catalog.pg_proc p
+          JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+                                      AND d.objid = p.oid AND d.deptype = 'e'
+          JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'makima_keys'
+         CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) a
+         WHERE a.grantee <> p.proowner AND a.grantee <> 0
+        UNION
+        SELECT pg_catalog.format('TABLE %s', c.oid::pg_catalog.regclass), a.grantee
+          FROM pg_catalog.pg_class c
+          JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                                      AND d.objid = c.oid AND d.deptype = 'e'
+          JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'makima_keys'
+         CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a
+         WHERE c.relkind = 'v' AND a.grantee <> c.relowner AND a.grantee <> 0
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON %s FROM %I', grant_row.object,
+                                  (SELECT r.rolname FROM pg_catalog.pg_roles r WHERE r.oid = grant_row.grantee));
+    END LOOP;
+END
+$no_default_grants$;
+
 REVOKE ALL ON FUNCTION mk_issue_key(uuid, text, interval, text[], jsonb, integer, integer, interval, integer, interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION mk_rotate_key(uuid, text, interval, text[], jsonb, interval, integer, integer, interval, integer, interval) FROM PUBLIC;
 REVOKE ALL ON FUNCTION mk_revoke(uuid) FROM PUBLIC;

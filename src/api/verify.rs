@@ -17,6 +17,7 @@ use crate::jsonb::StoredJsonb;
 use crate::key_format::{self, KeyShape};
 use crate::one_row::OneRow;
 use crate::policy::{self, KeyStatus, Micros, Requirement};
+use crate::rate::{RateLimit, Receipt};
 use crate::settings;
 use crate::shared::{self, Take};
 use crate::store::{self, DueRefill, FoundKey, Reading, Spent};
@@ -130,7 +131,7 @@ fn judge(
         let Some(credits) = credits else {
             let status = match (status, found.rate_limit) {
                 (KeyStatus::Valid, Some(limit)) => {
-                    rate_verdict(shared::take(found.user_id, limit, cost, now), &mut usage)
+                    rate_verdict(draw(found.user_id, limit, cost, now), &mut usage).0
                 }
                 _ => status,
             };
@@ -155,31 +156,38 @@ fn judge(
             }
             verdict
         };
-        if status != KeyStatus::Valid || cost == 0 {
+        if status != KeyStatus::Valid {
             return judged(Verdict::Found(found, status, usage));
         }
-        if available < cost {
+        if cost == 0 || available < cost {
             // A rate limit that would refuse the call comes first.
             if let Some(limit) = found.rate_limit {
-                let limited =
+                let (limited, _) =
                     rate_verdict(shared::peek(found.user_id, limit, cost, now), &mut usage);
                 if limited != KeyStatus::Valid {
                     return judged(Verdict::Found(found, limited, usage));
                 }
             }
+            if cost == 0 {
+                return judged(Verdict::Found(found, status, usage));
+            }
             usage.retry_after = policy::next_refill(credits, refilled_at).map(|at| at - now);
             return judged(Verdict::Found(found, KeyStatus::UsageExceeded, usage));
         }
+        let mut receipt = None;
         if let Some(limit) = found.rate_limit {
-            let limited = rate_verdict(shared::take(found.user_id, limit, cost, now), &mut usage);
+            let (limited, drawn) =
+                rate_verdict(shared::take(found.user_id, limit, cost, now), &mut usage);
             if limited != KeyStatus::Valid {
                 return judged(Verdict::Found(found, limited, usage));
             }
+            receipt = drawn;
         }
-        // Tokens this call drew, given back if it does not pass after all.
+        // What this call drew, given back if it does not pass after all (a
+        // refusal; an ERROR in the spend keeps it, as a rollback does).
         let refund = |found: &FoundKey| {
-            if let Some(limit) = found.rate_limit {
-                shared::refund(found.user_id, limit, cost);
+            if let Some(receipt) = receipt {
+                shared::refund(found.user_id, receipt, clock::wall_clock());
             }
         };
         if !store::may_spend_credits() {
@@ -212,17 +220,28 @@ fn judge(
     }
 }
 
-/// The status a draw from a rate-limit bucket gives (`Valid`: it passed),
-/// with `retry_after` set when a later call of that cost would pass.
-fn rate_verdict(take: Take, usage: &mut Usage) -> KeyStatus {
+/// Draws `cost` from the user's budget; a call of cost 0 only looks (it
+/// passes wherever a budget can be kept, and takes no room in the hash).
+fn draw(user: pgrx::Uuid, limit: RateLimit, cost: i32, now: policy::Micros) -> Take {
+    if cost == 0 {
+        shared::peek(user, limit, cost, now)
+    } else {
+        shared::take(user, limit, cost, now)
+    }
+}
+
+/// The status a draw from a rate-limit budget gives (`Valid`: it passed,
+/// with the receipt of what it drew), with `retry_after` set when a later
+/// call of that cost would pass.
+fn rate_verdict(take: Take, usage: &mut Usage) -> (KeyStatus, Option<Receipt>) {
     match take {
-        Take::Passed => KeyStatus::Valid,
+        Take::Passed(receipt) => (KeyStatus::Valid, Some(receipt)),
         Take::Limited { retry_after } => {
             usage.retry_after = Some(retry_after);
-            KeyStatus::RateLimited
+            (KeyStatus::RateLimited, None)
         }
-        Take::Never => KeyStatus::RateLimited,
-        Take::Unavailable => KeyStatus::RateLimitUnavailable,
+        Take::Never => (KeyStatus::RateLimited, None),
+        Take::Unavailable => (KeyStatus::RateLimitUnavailable, None),
     }
 }
 

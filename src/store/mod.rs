@@ -698,7 +698,10 @@ impl Store {
                 if row.get::<bool>(2).expect("was active") == Some(true) {
                     active = Some((id, inherited_from(&row, 3, with_credits, with_rates)));
                 }
-                ids.push((id, row.get::<TimestampWithTimeZone>(5).expect("expires_at")));
+                // A rotation announces every key it ends: a new end earlier
+                // than the key's expiry could fall in a window the worker
+                // has passed already.
+                ids.push((id, None));
             }
             self.announce_revoked(ids.into_iter());
             let Some((id, active)) = active else {
@@ -772,7 +775,7 @@ impl Store {
                                                    pg_catalog.now() + $2)
                           WHERE user_id = $1 AND {{live}}
                           RETURNING id, {}",
-                        expires_at_if_announced()
+                        expires_at_if_announced(self.table())
                     )),
                     None,
                     &[user_id.into(), grace.into()],
@@ -803,7 +806,7 @@ impl Store {
                     "UPDATE {{api_keys}} SET revoked_at = pg_catalog.now()
                       WHERE {column} = $1 AND {{live}}
                       RETURNING id, {}",
-                    expires_at_if_announced()
+                    expires_at_if_announced(self.table())
                 )),
                 None,
                 &[value],
@@ -847,12 +850,17 @@ impl Store {
 }
 
 /// What the revoking statements return beside each key id for
-/// `announce_revoked`: `expires_at` when the worker announces this
-/// database's expiries (a database at 0.4.0), NULL otherwise (the column
-/// does not exist before 0.2.0).
-fn expires_at_if_announced() -> &'static str {
-    if crate::shared::expiries_announced_from().is_some() {
-        "expires_at"
+/// `announce_revoked`: the key's `expires_at` when its end stays that
+/// expiry (it expired no later than its new `revoked_at`), which is what
+/// the worker announces once it passes, in a database at 0.4.0 whose
+/// expiries the worker announces; NULL otherwise (then the event is sent
+/// here). `table` is our api_keys: a database recreated at 0.1.0 has no
+/// `expires_at`.
+fn expires_at_if_announced(table: pg_sys::Oid) -> &'static str {
+    // SAFETY: a syscache lookup of a column of our table.
+    let has_expiry = unsafe { pg_sys::SearchSysCacheExistsAttName(table, c"expires_at".as_ptr()) };
+    if has_expiry && crate::shared::expiries_announced_from().is_some() {
+        "CASE WHEN expires_at <= revoked_at THEN expires_at END"
     } else {
         "NULL::timestamptz"
     }

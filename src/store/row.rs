@@ -39,25 +39,25 @@ pub(crate) struct FoundKey {
     pub(crate) rate_limit: Option<RateLimit>,
 }
 
-/// A key's rate limit from its two columns: both set, or none.
+/// A key's rate limit from its two columns: both set, or none. A row
+/// changed by hand so that only one is set, or with a limit no issuing
+/// function accepts, must not read as "unlimited": it gets a limit that
+/// passes nothing (`rate::Bucket::charge` refuses it).
 pub(super) fn rate_limit_of(
     per_period: Option<i32>,
     period: Option<Interval>,
 ) -> Option<RateLimit> {
-    let limit = RateLimit {
-        per_period: per_period?,
-        period: clock::fixed_length(period?),
-    };
-    // Rows written by our functions are always valid; a row written by
-    // hand with a zero or negative limit must not read as "unlimited".
-    Some(if limit.is_valid() {
-        limit
-    } else {
-        RateLimit {
+    match (per_period, period) {
+        (None, None) => None,
+        (Some(per_period), Some(period)) => Some(RateLimit {
+            per_period,
+            period: clock::fixed_length(period),
+        }),
+        _ => Some(RateLimit {
             per_period: 0,
-            period: 1,
-        }
-    })
+            period: 0,
+        }),
+    }
 }
 
 /// The credits of a row from its four columns: a key has credits when
@@ -149,7 +149,15 @@ pub(super) fn inherited_from(
         credits: credit(0).and_then(|i| row.get(i).expect("credits")),
         refill: refill_amount.zip(refill_every),
         refilled_at: credit(3).and_then(|i| row.get(i).expect("refilled_at")),
-        rate_limit: rate_limit.zip(rate_period),
+        // Half a limit (a row changed by hand) is carried as a limit that
+        // passes nothing, never dropped: a rotation must not unlimit a key.
+        rate_limit: match (rate_limit, rate_period) {
+            (None, None) => None,
+            (limit, period) => Some((
+                limit.unwrap_or(0),
+                period.unwrap_or_else(|| Interval::from_micros(0)),
+            )),
+        },
     }
 }
 

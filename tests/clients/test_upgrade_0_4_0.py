@@ -128,3 +128,34 @@ def test_the_update_refuses_a_statistics_function_that_is_not_ours(new_db):
         su.execute("CREATE FUNCTION mk_key_stats_reset(integer) RETURNS void LANGUAGE sql AS ''")
         assert sqlstate_of(su, "ALTER EXTENSION makima_keys UPDATE") == "42723"
         assert extversion(su) == "0.3.0"
+
+
+def test_default_privileges_of_the_installer_grant_nothing_of_ours(role, new_db):
+    """The installing role's default privileges (ALTER DEFAULT PRIVILEGES
+    ... GRANT EXECUTE ON FUNCTIONS, SELECT ON TABLES) give nobody our
+    functions or views, on a fresh install or in an update: without that, a
+    verify-only role could issue keys or read the statistics."""
+    app = role("app")
+    fresh, updated = new_db(), new_db()
+    with connect(fresh) as su:
+        su.execute(USERS_DDL)
+        su.execute(f'ALTER DEFAULT PRIVILEGES GRANT EXECUTE ON FUNCTIONS TO "{app}"')
+        su.execute(f'ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO "{app}"')
+        su.execute("CREATE EXTENSION makima_keys")
+    with connect(updated) as su:
+        su.execute(USERS_DDL)
+        su.execute("CREATE EXTENSION makima_keys VERSION '0.3.0'")
+        su.execute(f'ALTER DEFAULT PRIVILEGES GRANT EXECUTE ON FUNCTIONS TO "{app}"')
+        su.execute(f'ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO "{app}"')
+        su.execute("ALTER EXTENSION makima_keys UPDATE")
+    for name, functions in ((fresh, [ISSUE, ROTATE, VERIFY, DETAIL, "mk_revoke(uuid)", "mk_key_stats_rows()",
+                                     "mk_key_stats_reset()"]),
+                            (updated, [ISSUE, ROTATE, "mk_key_stats_rows()", "mk_key_stats_reset()"])):
+        with connect(name) as su:
+            for signature in functions:
+                assert su.execute("SELECT has_function_privilege(%s, %s, 'EXECUTE')",
+                                  (app, signature)).fetchone()[0] is False, (name, signature)
+            assert su.execute("SELECT has_table_privilege(%s, 'mk_key_stats', 'SELECT')",
+                              (app,)).fetchone()[0] is False
+        with connect(name, user=app) as conn:
+            assert sqlstate_of(conn, "SELECT mk_issue_key(gen_random_uuid())") == "42501"
