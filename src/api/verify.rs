@@ -136,11 +136,18 @@ fn judge(
                 _ => status,
             };
             if status == KeyStatus::Valid {
-                let owe = counting && !store::in_recovery();
-                if !(owe && shared::record(found.id, status, now, true)) {
-                    if counting && !owe {
-                        shared::record(found.id, status, now, false);
-                    }
+                // Owed only when due, by the rule without shared memory: a
+                // key written within the interval owes the worker nothing,
+                // so a round has at most one row to write per key and
+                // interval, and none to look at for a key that is not due.
+                let due = policy::last_used_due(
+                    found.last_used_at,
+                    clock::transaction_start(),
+                    settings::last_used_interval_secs(),
+                );
+                let owe = counting && due && !store::in_recovery();
+                let recorded = counting && shared::record(found.id, status, now, owe);
+                if due && !(owe && recorded) {
                     touch_when_due(&store, &found);
                 }
             } else if counting {
