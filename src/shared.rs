@@ -157,7 +157,6 @@ struct Control {
     untracked: AtomicU64,
     /// Rate-limited calls that found the bucket hash full.
     buckets_full: AtomicU64,
-    launcher_pid: AtomicI64,
     databases: [DatabaseSlot; MAX_DATABASES],
 }
 
@@ -396,6 +395,33 @@ fn with_entry<E: Copy, R>(
     }
 }
 
+/// Gives `f` the entry of `key` in `table` if there is one (never enters
+/// it), with partition lock `lock_base + partition` held, shared or
+/// exclusive.
+fn with_found<E, R>(
+    s: Shared,
+    table: *mut pg_sys::HTAB,
+    lock_base: usize,
+    key: EntryKey,
+    exclusive: bool,
+    f: impl FnOnce(Option<&mut E>) -> R,
+) -> R {
+    // SAFETY: as in `with_entry`; only ever finds.
+    unsafe {
+        let hash = pg_sys::get_hash_value(table, ptr::addr_of!(key).cast());
+        let _held = Held::take(s, lock_base + hash as usize % PARTITIONS, exclusive);
+        let entry = pg_sys::hash_search_with_hash_value(
+            table,
+            ptr::addr_of!(key).cast(),
+            hash,
+            pg_sys::HASHACTION::HASH_FIND,
+            ptr::null_mut(),
+        )
+        .cast::<E>();
+        f(entry.as_mut())
+    }
+}
+
 fn new_stats(now: Micros) -> impl FnOnce(&mut StatsEntry) {
     move |e| {
         e.padding = 0;
@@ -502,25 +528,14 @@ pub(crate) fn peek(user: pgrx::Uuid, limit: RateLimit, cost: i32, now: Micros) -
     let Some(s) = shared() else {
         return Take::Unavailable;
     };
-    let key = key_of(user);
-    // SAFETY: as in `with_entry`; only ever finds, and copies the entry.
-    let bucket = unsafe {
-        let hash = pg_sys::get_hash_value(s.buckets, ptr::addr_of!(key).cast());
-        let _held = Held::take(s, PARTITIONS + hash as usize % PARTITIONS, false);
-        let entry = pg_sys::hash_search_with_hash_value(
-            s.buckets,
-            ptr::addr_of!(key).cast(),
-            hash,
-            pg_sys::HASHACTION::HASH_FIND,
-            ptr::null_mut(),
-        )
-        .cast::<BucketEntry>();
-        if entry.is_null() {
-            Bucket::full(limit)
-        } else {
-            (*entry).bucket()
-        }
-    };
+    let bucket = with_found(
+        s,
+        s.buckets,
+        PARTITIONS,
+        key_of(user),
+        false,
+        |e: Option<&mut BucketEntry>| e.map_or_else(|| Bucket::full(limit), |e| e.bucket()),
+    );
     let mut copy = bucket;
     match copy.charge(limit, cost, now) {
         Charge::Passed(receipt) => Take::Passed(receipt),
@@ -533,25 +548,20 @@ pub(crate) fn peek(user: pgrx::Uuid, limit: RateLimit, cost: i32, now: Micros) -
 /// bucket that is gone (dropped once full) owes nothing.
 pub(crate) fn refund(user: pgrx::Uuid, receipt: Receipt, now: Micros) {
     let Some(s) = shared() else { return };
-    let key = key_of(user);
-    // SAFETY: as in `with_entry`; only ever finds.
-    unsafe {
-        let hash = pg_sys::get_hash_value(s.buckets, ptr::addr_of!(key).cast());
-        let _held = Held::take(s, PARTITIONS + hash as usize % PARTITIONS, true);
-        let entry = pg_sys::hash_search_with_hash_value(
-            s.buckets,
-            ptr::addr_of!(key).cast(),
-            hash,
-            pg_sys::HASHACTION::HASH_FIND,
-            ptr::null_mut(),
-        )
-        .cast::<BucketEntry>();
-        if !entry.is_null() {
-            let mut bucket = (*entry).bucket();
-            bucket.refund(receipt, now);
-            (*entry).set(bucket);
-        }
-    }
+    with_found(
+        s,
+        s.buckets,
+        PARTITIONS,
+        key_of(user),
+        true,
+        |e: Option<&mut BucketEntry>| {
+            if let Some(e) = e {
+                let mut bucket = e.bucket();
+                bucket.refund(receipt, now);
+                e.set(bucket);
+            }
+        },
+    );
 }
 
 fn slot_at(s: Shared, index: usize) -> &'static DatabaseSlot {
@@ -636,10 +646,6 @@ fn entries<E: Copy>(s: Shared, table: *mut pg_sys::HTAB, lock_base: usize) -> Ve
     unsafe { raw_entries(table) }
 }
 
-fn db_of(key: &EntryKey) -> u32 {
-    key.db
-}
-
 /// The statistics of this database: its keys, then one row for the calls
 /// that named no key. `None` when not preloaded.
 pub(crate) fn stats_rows() -> Option<Vec<StatsRow>> {
@@ -649,7 +655,7 @@ pub(crate) fn stats_rows() -> Option<Vec<StatsRow>> {
     let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
     let mut rows: Vec<StatsRow> = entries::<StatsEntry>(s, s.stats, 0)
         .into_iter()
-        .filter(|e| db_of(&e.key) == db)
+        .filter(|e| e.key.db == db)
         .map(|e| StatsRow {
             key_id: Some(pgrx::Uuid::from_bytes(e.key.id)),
             counts: e.counts,
@@ -842,22 +848,11 @@ pub(crate) fn paid(db: pg_sys::Oid, paid: &[(pgrx::Uuid, Micros)]) {
             db,
             id: *id.as_bytes(),
         };
-        // SAFETY: as in `with_entry`; only ever finds.
-        unsafe {
-            let hash = pg_sys::get_hash_value(s.stats, ptr::addr_of!(key).cast());
-            let _held = Held::take(s, hash as usize % PARTITIONS, true);
-            let entry = pg_sys::hash_search_with_hash_value(
-                s.stats,
-                ptr::addr_of!(key).cast(),
-                hash,
-                pg_sys::HASHACTION::HASH_FIND,
-                ptr::null_mut(),
-            )
-            .cast::<StatsEntry>();
-            if !entry.is_null() && (*entry).pending == *at {
-                (*entry).pending = NEVER;
+        with_found(s, s.stats, 0, key, true, |e: Option<&mut StatsEntry>| {
+            if let Some(e) = e.filter(|e| e.pending == *at) {
+                e.pending = NEVER;
             }
-        }
+        });
     }
 }
 
@@ -929,15 +924,6 @@ pub(crate) fn usage() -> Option<Usage> {
         untracked: c.untracked.load(Ordering::Relaxed),
         buckets_full: c.buckets_full.load(Ordering::Relaxed),
     })
-}
-
-pub(crate) fn set_launcher_pid(pid: i32) {
-    if let Some(s) = shared() {
-        // SAFETY: the control struct lives as long as the server.
-        unsafe { &*s.control }
-            .launcher_pid
-            .store(i64::from(pid), Ordering::Relaxed);
-    }
 }
 
 // ---- saved at a clean shutdown, loaded at the next start ----

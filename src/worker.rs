@@ -53,8 +53,6 @@ pub extern "C-unwind" fn mk_launcher_main(_arg: pg_sys::Datum) {
     // Connected to no database, as PostgreSQL's logical replication
     // launcher is: shared catalogs only, and no DROP DATABASE waits for it.
     BackgroundWorker::connect_worker_to_spi(None, None);
-    // SAFETY: a plain read of this process's pid.
-    shared::set_launcher_pid(unsafe { pg_sys::MyProcPid });
     let mut next_round = clock::wall_clock() + interval_micros();
     // The flags are checked before every wait, not only after one: a
     // signal that came during a round had its wake-up used by the wait for
