@@ -1,33 +1,50 @@
 //! The background workers of the shared tier (only when preloaded).
 //!
 //! - The **launcher** is connected to no database, so it never blocks a
-//!   `DROP DATABASE`. Every `makima_keys.flush_interval` seconds it starts one
-//!   short-lived **flush worker** per database in the shared list, one at a
-//!   time, waits for it to exit, then makes room in the shared hashes. On a
-//!   standby it only makes room.
-//! - A **flush worker** connects to its database, writes the
-//!   `last_used_at` its keys are owed (batched UPDATEs that skip rows
-//!   another transaction holds: those wait for the next round), sends
-//!   `makima_keys_revoked` for keys that ended by time since the last
-//!   round, and exits. Its statements run with the rights of the table's
-//!   owner, as a security-restricted operation, with a pinned search_path.
+//!   `DROP DATABASE`. Every `makima_keys.flush_interval` seconds it starts
+//!   one short-lived **flush worker** per database in the shared list, one
+//!   at a time, and waits for it, but never longer than [`ENTER_DEADLINE`]
+//!   for it to enter its database: a database that cannot be entered (a
+//!   `RENAME` or a `CREATE DATABASE ... TEMPLATE` holding it) delays the
+//!   others by seconds, not for as long as that transaction stays open.
+//!   It keeps per database how the last round went, backs off a database
+//!   that keeps failing, logs once when a database starts failing and once
+//!   when it recovers, then makes room in the shared hashes. On a standby
+//!   it only makes room.
+//! - A **flush worker** connects to its database, first sends
+//!   `makima_keys_revoked` for keys that ended by time since the last round
+//!   (so that a failing write never holds announcements back), then writes
+//!   the `last_used_at` its keys are owed (batched UPDATEs that skip rows
+//!   another transaction holds: those wait for the next round), and exits.
+//!   It finds the table by OID in every transaction and runs its statements
+//!   under the guard of `store` (a statement that would resolve to any other
+//!   table raises before it runs), with the rights of the table's owner, as
+//!   a security-restricted operation, with a pinned search_path.
 //!
 //! No worker is registered in binary-upgrade mode (`pg_upgrade`).
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime,
+    DynamicBackgroundWorker, SignalWakeFlags,
 };
 use pgrx::prelude::*;
 
 use crate::clock;
 use crate::policy::Micros;
 use crate::settings;
-use crate::shared::{self, WorkerState};
+use crate::shared::{self, DatabaseSlot, Outcome, Phase};
+use crate::store::{expecting_own_table, STATEMENT_MARK};
 
 /// Keys written per UPDATE statement (and per transaction).
 const FLUSH_BATCH: usize = 10_000;
+/// How long a flush worker may take to enter its database before the
+/// launcher stops it and goes on with the next database.
+const ENTER_DEADLINE: Duration = Duration::from_secs(5);
+/// The lock_timeout the flush worker runs with, its connection included.
+const LOCK_TIMEOUT: &std::ffi::CStr = c"1s";
 
 /// Registers the launcher; called from `_PG_init` while preloading.
 pub(crate) fn register_launcher() {
@@ -66,7 +83,7 @@ pub extern "C-unwind" fn mk_launcher_main(_arg: pg_sys::Datum) {
         }
         let wait = next_round - clock::wall_clock();
         if wait > 0 {
-            if !BackgroundWorker::wait_latch(Some(Duration::from_micros(wait as u64))) {
+            if !self::wait(Duration::from_micros(wait as u64)) {
                 break;
             }
             continue;
@@ -74,29 +91,67 @@ pub extern "C-unwind" fn mk_launcher_main(_arg: pg_sys::Datum) {
         round();
         next_round = clock::wall_clock() + interval_micros();
     }
+    // Exit code 1, as PostgreSQL's own launchers exit on SIGTERM (through
+    // FATAL): a background worker that exits with 0 is never restarted, so
+    // a launcher stopped with pg_terminate_backend would be gone until the
+    // server restarts. At shutdown nothing is restarted anyway.
+    // SAFETY: ends this process as PostgreSQL's own exit path does.
+    unsafe { pg_sys::proc_exit(1) };
 }
+
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether SIGTERM came, remembered: pgrx's flag is cleared by each read.
 fn stop_requested() -> bool {
-    static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if BackgroundWorker::sigterm_received() {
-        STOPPING.store(true, std::sync::atomic::Ordering::Relaxed);
+        STOPPING.store(true, Ordering::Relaxed);
     }
-    STOPPING.load(std::sync::atomic::Ordering::Relaxed)
+    STOPPING.load(Ordering::Relaxed)
 }
 
-/// Whether `db` is in pg_database (the launcher reads shared catalogs only).
-fn database_exists(db: pg_sys::Oid) -> bool {
+/// Waits on the latch; `false` when the process is to stop. pgrx's
+/// `wait_latch` reads (and so clears) the SIGTERM flag itself: what it saw
+/// is remembered here, or a SIGTERM that came during a wait for a flush
+/// worker would be lost and the launcher would never exit.
+fn wait(timeout: Duration) -> bool {
+    if BackgroundWorker::wait_latch(Some(timeout)) {
+        return true;
+    }
+    STOPPING.store(true, Ordering::Relaxed);
+    false
+}
+
+/// What pg_database says of a database (the launcher reads shared
+/// catalogs only).
+#[derive(Debug, PartialEq, Eq)]
+enum DatabaseState {
+    Present,
+    Gone,
+    /// Left invalid by an interrupted `DROP DATABASE` (PostgreSQL 15.4 and
+    /// later): it refuses connections for ever and can only be dropped.
+    Invalid,
+}
+
+fn database_state(db: pg_sys::Oid) -> DatabaseState {
     BackgroundWorker::transaction(|| {
-        // SAFETY: a syscache lookup of a shared catalog, in a transaction.
+        // SAFETY: a syscache lookup of a shared catalog in a transaction;
+        // the tuple is read, then released.
         unsafe {
-            pg_sys::SearchSysCacheExists(
+            let tuple = pg_sys::SearchSysCache1(
                 pg_sys::SysCacheIdentifier::DATABASEOID as i32,
                 pg_sys::Datum::from(db),
-                pg_sys::Datum::from(0),
-                pg_sys::Datum::from(0),
-                pg_sys::Datum::from(0),
-            )
+            );
+            if tuple.is_null() {
+                return DatabaseState::Gone;
+            }
+            let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_database>(tuple);
+            let invalid = (*form).datconnlimit == pg_sys::DATCONNLIMIT_INVALID_DB;
+            pg_sys::ReleaseSysCache(tuple);
+            if invalid {
+                DatabaseState::Invalid
+            } else {
+                DatabaseState::Present
+            }
         }
     })
 }
@@ -107,39 +162,39 @@ fn interval_micros() -> Micros {
 
 /// One round: a flush worker per database (not on a standby), then room.
 fn round() {
+    // Where the last round stopped for lack of a worker slot: this round
+    // starts there, so the databases after it are not always the ones left.
+    static START_AT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     // SAFETY: reads shared recovery state.
     if !unsafe { pg_sys::RecoveryInProgress() } {
-        for (index, db) in shared::databases() {
+        let mut databases = shared::databases();
+        let start = databases
+            .iter()
+            .position(|(index, _)| *index >= START_AT.load(Ordering::Relaxed))
+            .unwrap_or(0);
+        databases.rotate_left(start);
+        START_AT.store(0, Ordering::Relaxed);
+        for (index, db) in databases {
             if stop_requested() {
                 return;
             }
-            shared::set_worker_state(index, WorkerState::Starting);
-            let argument = (index as u64) << 32 | u64::from(db.to_u32());
-            let started = BackgroundWorkerBuilder::new("makima_keys flush")
-                .set_type("makima_keys flush")
-                .set_library("makima_keys")
-                .set_function("mk_flush_main")
-                .enable_spi_access()
-                .set_argument(Some(pg_sys::Datum::from(argument)))
-                // SAFETY: a plain read of this process's pid.
-                .set_notify_pid(unsafe { pg_sys::MyProcPid })
-                .load_dynamic();
-            let Ok(worker) = started else {
-                // No free worker slot (max_worker_processes): next round.
-                break;
-            };
-            if worker.wait_for_shutdown().is_err() {
+            let Some(slot) = shared::slot(index) else {
                 return;
+            };
+            let now = clock::wall_clock();
+            if !shared::due(slot, now) || worker_still_running(slot) {
+                continue;
             }
-            match shared::worker_state(index) {
-                // It never connected. Only a database that is gone is
-                // forgotten: one that refuses connections for a while
-                // (ALLOW_CONNECTIONS false) keeps its budgets and what its
-                // keys are owed.
-                WorkerState::Starting if !database_exists(db) => shared::forget_database(index, db),
-                // Dropping makima_keys dropped its keys.
-                WorkerState::NoExtension => shared::forget_database(index, db),
-                WorkerState::Starting | WorkerState::Connected | WorkerState::Done => {}
+            match database_state(db) {
+                DatabaseState::Present => {}
+                DatabaseState::Gone | DatabaseState::Invalid => {
+                    shared::forget_database(index, db);
+                    continue;
+                }
+            }
+            if !flush(index, db, slot) {
+                START_AT.store(index, Ordering::Relaxed);
+                break;
             }
         }
     }
@@ -147,11 +202,160 @@ fn round() {
     report_full_hashes();
 }
 
-/// Logs, once per round in which it happened, that a shared hash was full:
-/// verifications then wrote `last_used_at` themselves (statistics hash) or
-/// rate-limited calls failed closed (bucket hash). Counts only.
+/// Whether the slot's last flush worker is still alive (its launcher
+/// exited and a new one started meanwhile): no second one is started.
+fn worker_still_running(slot: &DatabaseSlot) -> bool {
+    let pid = slot.worker_pid.load(Ordering::Acquire);
+    // SAFETY: signal 0 only checks that the process exists.
+    pid != 0 && unsafe { libc_kill(pid, 0) } == 0
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, signal: i32) -> i32;
+}
+
+/// Starts the flush worker of one database and waits for it; records the
+/// outcome. `false` when no background worker slot was free.
+fn flush(index: usize, db: pg_sys::Oid, slot: &DatabaseSlot) -> bool {
+    shared::set_phase(slot, Phase::Starting);
+    let argument = (index as u64) << 32 | u64::from(db.to_u32());
+    let started = BackgroundWorkerBuilder::new("makima_keys flush")
+        .set_type("makima_keys flush")
+        .set_library("makima_keys")
+        .set_function("mk_flush_main")
+        .enable_spi_access()
+        .set_argument(Some(pg_sys::Datum::from(argument)))
+        // SAFETY: a plain read of this process's pid.
+        .set_notify_pid(unsafe { pg_sys::MyProcPid })
+        .load_dynamic();
+    let Ok(worker) = started else {
+        slot.sqlstate.store(0, Ordering::Relaxed);
+        conclude(db, slot, Outcome::NoWorkerSlot);
+        return false;
+    };
+    let entered_in_time = match wait_for(worker, slot) {
+        // The launcher stops; the worker goes on and holds its slot.
+        Waited::Stopping => return true,
+        Waited::Exited => true,
+        Waited::NotEntered => false,
+    };
+    let outcome = match shared::phase(slot) {
+        Phase::Done => Outcome::Ok,
+        // A worker of a launcher before a restart still holds the slot.
+        Phase::Busy => return true,
+        Phase::NoExtension => {
+            // Dropping makima_keys dropped its keys.
+            shared::forget_database(index, db);
+            return true;
+        }
+        Phase::Starting if database_state(db) != DatabaseState::Present => {
+            shared::forget_database(index, db);
+            return true;
+        }
+        Phase::Starting => Outcome::NotEntered,
+        Phase::Connected => Outcome::AnnounceFailed,
+        Phase::Announced => Outcome::WriteFailed,
+    };
+    if !entered_in_time {
+        // What the worker raised was our own termination, not a reason.
+        slot.sqlstate.store(0, Ordering::Relaxed);
+    }
+    conclude(db, slot, outcome);
+    true
+}
+
+/// How a wait for a flush worker ended.
+enum Waited {
+    Exited,
+    /// It had not entered its database within `ENTER_DEADLINE`: stopped.
+    NotEntered,
+    /// The launcher was asked to stop (the worker may still run).
+    Stopping,
+}
+
+/// Waits for the worker to exit; stops it if it has not entered its
+/// database within `ENTER_DEADLINE`.
+fn wait_for(worker: DynamicBackgroundWorker, slot: &DatabaseSlot) -> Waited {
+    let deadline = std::time::Instant::now() + ENTER_DEADLINE;
+    loop {
+        match worker.pid() {
+            Err(BackgroundWorkerStatus::Stopped) => return Waited::Exited,
+            Err(BackgroundWorkerStatus::PostmasterDied) => return Waited::Stopping,
+            _ => {}
+        }
+        if stop_requested() {
+            return Waited::Stopping;
+        }
+        if shared::phase(slot) == Phase::Starting && std::time::Instant::now() > deadline {
+            let _ = worker.terminate().wait_for_shutdown();
+            return Waited::NotEntered;
+        }
+        if !wait(Duration::from_millis(100)) {
+            return Waited::Stopping;
+        }
+    }
+}
+
+/// Records the outcome, and logs when a database starts or stops failing.
+fn conclude(db: pg_sys::Oid, slot: &DatabaseSlot, outcome: Outcome) {
+    let failed_before =
+        shared::record_outcome(slot, outcome, clock::wall_clock(), interval_micros());
+    let name = database_name(db);
+    if outcome == Outcome::Ok {
+        if failed_before > 0 {
+            pgrx::log!(
+                "makima_keys: the flush of database \"{name}\" succeeded again after {failed_before} \
+                 failed rounds; what its keys were owed is written"
+            );
+        }
+        return;
+    }
+    if failed_before == 0 {
+        let sqlstate = slot.sqlstate.load(Ordering::Relaxed);
+        let reason = if sqlstate == 0 {
+            String::new()
+        } else {
+            format!(" (SQLSTATE {})", shared::unpack_sqlstate(sqlstate))
+        };
+        let hint = match outcome {
+            Outcome::NotEntered => {
+                "a transaction holds the database (ALTER DATABASE ... RENAME, \
+                 CREATE DATABASE ... TEMPLATE) or it refuses connections"
+            }
+            Outcome::NoWorkerSlot => "raise max_worker_processes",
+            _ => {
+                "see the worker's error above; a trigger on api_keys that raises is a common cause"
+            }
+        };
+        pgrx::log!(
+            "makima_keys: the flush of database \"{name}\" failed: {}{reason}; last_used_at \
+             stays owed and the database is tried again with backoff ({hint})",
+            outcome.as_str()
+        );
+    }
+}
+
+fn database_name(db: pg_sys::Oid) -> String {
+    BackgroundWorker::transaction(|| {
+        // SAFETY: a syscache lookup in a transaction; NULL when gone.
+        let name = unsafe { pg_sys::get_database_name(db) };
+        if name.is_null() {
+            format!("{}", db.to_u32())
+        } else {
+            // SAFETY: a palloc'd C string.
+            unsafe { std::ffi::CStr::from_ptr(name) }
+                .to_string_lossy()
+                .into_owned()
+        }
+    })
+}
+
+/// Logs, once per round in which it happened, that a shared hash had no
+/// room: verifications then wrote `last_used_at` themselves (statistics
+/// hash) or rate-limited calls failed closed (bucket hash). Counts only.
 fn report_full_hashes() {
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::AtomicU64;
     static LAST: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
     let Some(usage) = shared::usage() else { return };
     let untracked = usage.untracked - LAST[0].swap(usage.untracked, Ordering::Relaxed);
@@ -159,12 +363,52 @@ fn report_full_hashes() {
     if untracked > 0 || refused > 0 {
         pgrx::log!(
             "makima_keys: shared hashes full ({} entries each): {} verifications were not \
-             tracked, {} rate-limited calls answered rate_limit_unavailable; raise \
-             makima_keys.max_tracked_keys",
+             tracked, {} rate-limited calls answered rate_limit_unavailable; {} keys and {} \
+             budgets are held, and a database that holds its share is refused before a hash is \
+             full (SELECT * FROM mk_shared_status()); raise makima_keys.max_tracked_keys",
             usage.capacity,
             untracked,
-            refused
+            refused,
+            usage.tracked_keys,
+            usage.tracked_budgets
         );
+    }
+}
+
+// ---- the flush worker ----
+
+thread_local! {
+    static MY_SLOT_INDEX: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+static mut PREVIOUS_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
+
+/// Records the SQLSTATE of every ERROR this worker raises in its slot, so
+/// that the launcher and `mk_shared_status()` can say why a round failed.
+#[pg_guard]
+unsafe extern "C-unwind" fn remember_error(edata: *mut pg_sys::ErrorData) {
+    // SAFETY: the hook's argument, valid for this call; chaining the
+    // previous hook is PostgreSQL's convention.
+    unsafe {
+        if (*edata).elevel >= pg_sys::PGERROR as i32 {
+            if let Some(slot) = MY_SLOT_INDEX.get().and_then(shared::slot) {
+                slot.sqlstate.store((*edata).sqlerrcode, Ordering::Relaxed);
+            }
+        }
+        if let Some(previous) = PREVIOUS_EMIT_LOG_HOOK {
+            previous(edata);
+        }
+    }
+}
+
+/// Gives the slot back when this worker exits, however it exits.
+#[pg_guard]
+unsafe extern "C-unwind" fn release_slot(_code: i32, arg: pg_sys::Datum) {
+    if let Some(slot) = shared::slot(arg.value()) {
+        // SAFETY: a plain read of this process's pid.
+        let me = unsafe { pg_sys::MyProcPid };
+        let _ = slot
+            .worker_pid
+            .compare_exchange(me, 0, Ordering::AcqRel, Ordering::Relaxed);
     }
 }
 
@@ -175,15 +419,53 @@ pub extern "C-unwind" fn mk_flush_main(arg: pg_sys::Datum) {
     let argument = arg.value() as u64;
     let index = (argument >> 32) as usize;
     let db = pg_sys::Oid::from(argument as u32);
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
-    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), None);
-    shared::set_worker_state(index, WorkerState::Connected);
-    override_database_settings();
-
-    let Some(table) = BackgroundWorker::transaction(find_table) else {
-        shared::set_worker_state(index, WorkerState::NoExtension);
+    // PostgreSQL's own SIGTERM handler of background workers (FATAL at
+    // once) until the connection is made: a wait to enter the database
+    // must end when the launcher stops this worker, and pgrx's handler only
+    // sets a flag.
+    // SAFETY: lets the signals PostgreSQL blocked at start through.
+    unsafe { pg_sys::BackgroundWorkerUnblockSignals() };
+    let Some(slot) = shared::slot(index) else {
         return;
     };
+    // SAFETY: a plain read of this process's pid.
+    let me = unsafe { pg_sys::MyProcPid };
+    // One worker per slot: one that a launcher before a restart started may
+    // still be running.
+    let previous = slot.worker_pid.swap(me, Ordering::AcqRel);
+    // SAFETY: signal 0 only checks that the process exists.
+    if previous != 0 && previous != me && unsafe { libc_kill(previous, 0) } == 0 {
+        slot.worker_pid.store(previous, Ordering::Release);
+        shared::set_phase(slot, Phase::Busy);
+        return;
+    }
+    // SAFETY: registers a callback of this process, and our error hook.
+    unsafe {
+        pg_sys::before_shmem_exit(Some(release_slot), pg_sys::Datum::from(index));
+        MY_SLOT_INDEX.set(Some(index));
+        PREVIOUS_EMIT_LOG_HOOK = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(remember_error);
+    }
+    // Before connecting: the connection itself waits for the database's
+    // lock, and this lock_timeout bounds that wait too.
+    override_database_settings();
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), None);
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
+    override_database_settings();
+    shared::set_phase(slot, Phase::Connected);
+
+    let Some(table) = BackgroundWorker::transaction(find_table) else {
+        shared::set_phase(slot, Phase::NoExtension);
+        return;
+    };
+    // Ended keys first: a write that fails (an owner's trigger that raises)
+    // must not hold their announcement back.
+    let from = slot.announced_until.load(Ordering::Relaxed);
+    let until = clock::wall_clock();
+    BackgroundWorker::transaction(|| announce_ended(&table, from, until));
+    slot.announced_until.fetch_max(until, Ordering::Relaxed);
+    shared::set_phase(slot, Phase::Announced);
+
     let owed = shared::owed(db);
     let started = std::time::Instant::now();
     let mut paid = 0;
@@ -191,14 +473,14 @@ pub extern "C-unwind" fn mk_flush_main(arg: pg_sys::Datum) {
         if stop_requested() {
             return;
         }
-        let written = BackgroundWorker::transaction(|| write_last_used(&table, batch));
-        let written: Vec<(pgrx::Uuid, Micros)> = batch
+        let done = BackgroundWorker::transaction(|| write_last_used(&table, batch));
+        let done: Vec<(pgrx::Uuid, Micros)> = batch
             .iter()
-            .filter(|(id, _)| written.contains(id))
+            .filter(|(id, _)| done.contains(id))
             .copied()
             .collect();
-        shared::paid(db, &written);
-        paid += written.len();
+        shared::paid(db, &done);
+        paid += done.len();
     }
     if !owed.is_empty() {
         // For bench/shared.py, which measures the flush's cost.
@@ -208,11 +490,8 @@ pub extern "C-unwind" fn mk_flush_main(arg: pg_sys::Datum) {
             started.elapsed().as_secs_f64() * 1000.0
         );
     }
-    let from = shared::announced_until(index);
-    let until = clock::wall_clock();
-    BackgroundWorker::transaction(|| announce_ended(&table, from, until));
-    shared::set_announced_until(index, until);
-    shared::set_worker_state(index, WorkerState::Done);
+    slot.written.store(paid as u64, Ordering::Relaxed);
+    shared::set_phase(slot, Phase::Done);
 }
 
 /// The settings this worker runs with, whatever `ALTER DATABASE ... SET`
@@ -228,7 +507,7 @@ fn override_database_settings() {
         (c"default_transaction_read_only", c"off"),
         (c"default_transaction_isolation", c"read committed"),
         (c"statement_timeout", c"10s"),
-        (c"lock_timeout", c"1s"),
+        (c"lock_timeout", LOCK_TIMEOUT),
         (c"idle_in_transaction_session_timeout", c"0"),
         (c"synchronous_commit", c"local"),
     ] {
@@ -245,9 +524,10 @@ fn override_database_settings() {
     }
 }
 
-/// Our `api_keys` in this database: its quoted name and its owner.
+/// Our `api_keys` in this database: its OID and its owner. Its name is
+/// looked up again from the OID in every transaction (`qualified_name`).
 struct Table {
-    name: String,
+    oid: pg_sys::Oid,
     owner: pg_sys::Oid,
 }
 
@@ -255,10 +535,9 @@ fn find_table() -> Option<Table> {
     Spi::connect(|client| {
         let found = client
             .select(
-                "SELECT pg_catalog.concat(pg_catalog.quote_ident(n.nspname), '.api_keys'), c.relowner
+                "SELECT c.oid, c.relowner
                    FROM pg_catalog.pg_extension e
-                   JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
-                   JOIN pg_catalog.pg_class c ON c.relnamespace OPERATOR(pg_catalog.=) n.oid
+                   JOIN pg_catalog.pg_class c ON c.relnamespace OPERATOR(pg_catalog.=) e.extnamespace
                   WHERE e.extname OPERATOR(pg_catalog.=) 'makima_keys'
                     AND c.relname OPERATOR(pg_catalog.=) 'api_keys'
                     AND c.relkind OPERATOR(pg_catalog.=) 'r'",
@@ -268,18 +547,41 @@ fn find_table() -> Option<Table> {
             .expect("find api_keys");
         let row = found.into_iter().next()?;
         Some(Table {
-            name: row.get::<String>(1).expect("name")?,
+            oid: row.get::<pg_sys::Oid>(1).expect("oid")?,
             owner: row.get::<pg_sys::Oid>(2).expect("owner")?,
         })
     })
 }
 
+/// Locks the table by OID (so it cannot be dropped or altered under the
+/// transaction) and gives its name as it is now, schema-qualified and
+/// quoted. A schema renamed since the last transaction is followed: the
+/// name is never remembered across transactions.
+fn qualified_name(table: &Table) -> String {
+    // SAFETY: locks a relation by OID in this transaction (lock_timeout
+    // bounds the wait); released at its end.
+    unsafe { pg_sys::LockRelationOid(table.oid, pg_sys::RowExclusiveLock as i32) };
+    Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.concat(pg_catalog.quote_ident(n.nspname), '.',
+                                  pg_catalog.quote_ident(c.relname))
+           FROM pg_catalog.pg_class c
+           JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+          WHERE c.oid OPERATOR(pg_catalog.=) $1",
+        &[table.oid.into()],
+    )
+    .expect("look up api_keys by OID")
+    .expect("api_keys is locked, so it exists")
+}
+
 /// Runs `f` with the rights of the table's owner, as a security-restricted
 /// operation (as autovacuum and REFRESH MATERIALIZED VIEW do), with only
-/// pg_catalog on the search path: a trigger the owner wrote runs as the
-/// owner, never as the superuser this worker connected as. (Timeouts: see
+/// pg_catalog on the search path, and with our statements held to this
+/// table: a trigger the owner wrote runs as the owner, never as the
+/// superuser this worker connected as, and a statement that would resolve
+/// to another table raises before it runs. (Timeouts: see
 /// `override_database_settings`.)
-fn as_owner<R>(table: &Table, f: impl FnOnce() -> R) -> R {
+fn as_owner<R>(table: &Table, f: impl FnOnce(&str) -> R) -> R {
+    let name = qualified_name(table);
     let mut saved_user = pg_sys::InvalidOid;
     let mut saved_context = 0;
     // SAFETY: saves and sets the current user, as PostgreSQL's own callers
@@ -295,66 +597,109 @@ fn as_owner<R>(table: &Table, f: impl FnOnce() -> R) -> R {
     }
     Spi::run("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)")
         .expect("pin search_path");
-    let result = f();
+    let result = {
+        let _guard = expecting_own_table(table.oid);
+        f(&name)
+    };
     // SAFETY: restores what was saved above.
     unsafe { pg_sys::SetUserIdAndSecContext(saved_user, saved_context) };
     result
 }
 
-/// Writes `last_used_at` for `batch` in one statement; returns the keys
-/// that need nothing more (written, not due, or gone). A key whose row
-/// another transaction holds is skipped, never waited for.
+/// Writes `last_used_at` for `batch`; returns the keys that need nothing
+/// more (written, not due, or gone). A key whose row another transaction
+/// holds is skipped, never waited for, and stays owed.
 fn write_last_used(table: &Table, batch: &[(pgrx::Uuid, Micros)]) -> Vec<pgrx::Uuid> {
     let ids: Vec<pgrx::Uuid> = batch.iter().map(|(id, _)| *id).collect();
     let times: Vec<TimestampWithTimeZone> = batch
         .iter()
         .map(|(_, at)| TimestampWithTimeZone::try_from(*at).expect("a verification time"))
         .collect();
-    let interval = settings::last_used_interval_secs();
-    // Only due rows are locked (a row lock is a WAL record and a dirtied
-    // page): a key verified again within last_used_interval costs nothing.
-    // Done: the rows written, those not due, and those gone. A due row that
-    // another transaction holds stays owed.
-    let sql = format!(
-        "WITH owed AS (
-              SELECT o.id, o.used_at
-                FROM ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::timestamptz[]))
-                     AS o(id, used_at)),
-          locked AS (
-              SELECT k.id FROM {t} k JOIN owed o ON o.id = k.id
-               WHERE k.last_used_at IS NULL
-                  OR k.last_used_at < o.used_at - pg_catalog.make_interval(secs => $3)
-               ORDER BY k.id FOR UPDATE OF k SKIP LOCKED),
-          written AS (
-              UPDATE {t} k SET last_used_at = o.used_at
-                FROM owed o, locked l
-               WHERE k.id = o.id AND l.id = o.id
-                 AND (k.last_used_at IS NULL
-                      OR k.last_used_at < o.used_at - pg_catalog.make_interval(secs => $3))
-               RETURNING k.id)
-         SELECT l.id FROM locked l
-         UNION ALL
-         SELECT o.id FROM owed o
-          WHERE NOT EXISTS (SELECT FROM {t} k
-                             WHERE k.id = o.id
-                               AND (k.last_used_at IS NULL
-                                    OR k.last_used_at < o.used_at - pg_catalog.make_interval(secs => $3)))",
-        t = table.name
-    );
-    as_owner(table, || {
+    let interval = f64::from(settings::last_used_interval_secs());
+    // Three statements, none with a CTE or a subquery, so that the guard
+    // can check every relation each one names: lock the due rows nobody
+    // holds (only due rows: a row lock is a WAL record and a dirtied page),
+    // write them, then find which due rows were held by others.
+    const OWED: &str = "ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]),
+                                   pg_catalog.unnest($2::pg_catalog.timestamptz[])) AS o(id, used_at)";
+    // OPERATOR(...) binds like any other operator, left to right: the
+    // subtraction needs its parentheses.
+    const DUE: &str = "(k.last_used_at IS NULL
+                        OR k.last_used_at OPERATOR(pg_catalog.<)
+                           (o.used_at OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => $3)))";
+    as_owner(table, |t| {
         Spi::connect_mut(|client| {
-            client
+            let lock = format!(
+                "{STATEMENT_MARK}SELECT k.id FROM {t} k, {OWED}
+                  WHERE k.id OPERATOR(pg_catalog.=) o.id AND {DUE}
+                  ORDER BY k.id FOR UPDATE OF k SKIP LOCKED"
+            );
+            let locked: Vec<pgrx::Uuid> = client
                 .update(
-                    &sql,
+                    &lock,
                     None,
-                    &[ids.into(), times.into(), f64::from(interval).into()],
+                    &[ids.clone().into(), times.clone().into(), interval.into()],
                 )
-                .expect("write last_used_at")
+                .expect("lock the due rows")
                 .map(|row| {
                     row.get::<pgrx::Uuid>(1)
                         .expect("id")
                         .expect("id is not null")
                 })
+                .collect();
+            let locked_set: std::collections::HashSet<pgrx::Uuid> =
+                locked.iter().copied().collect();
+            let (locked_times, rest): (Vec<_>, Vec<_>) =
+                batch.iter().partition(|(id, _)| locked_set.contains(id));
+            if !locked_times.is_empty() {
+                let write = format!(
+                    "{STATEMENT_MARK}UPDATE {t} k SET last_used_at = o.used_at FROM {OWED}
+                      WHERE k.id OPERATOR(pg_catalog.=) o.id"
+                );
+                let write_ids: Vec<pgrx::Uuid> = locked_times.iter().map(|(id, _)| *id).collect();
+                let write_times: Vec<TimestampWithTimeZone> = locked_times
+                    .iter()
+                    .map(|(_, at)| TimestampWithTimeZone::try_from(*at).expect("a time"))
+                    .collect();
+                client
+                    .update(
+                        &write,
+                        None,
+                        &[write_ids.into(), write_times.into(), interval.into()],
+                    )
+                    .expect("write last_used_at");
+            }
+            // Of the rest, those still due are held by another transaction.
+            let rest_ids: Vec<pgrx::Uuid> = rest.iter().map(|(id, _)| *id).collect();
+            let rest_times: Vec<TimestampWithTimeZone> = rest
+                .iter()
+                .map(|(_, at)| TimestampWithTimeZone::try_from(*at).expect("a time"))
+                .collect();
+            let held: std::collections::HashSet<pgrx::Uuid> = if rest_ids.is_empty() {
+                Default::default()
+            } else {
+                let still_due = format!(
+                    "{STATEMENT_MARK}SELECT k.id FROM {t} k, {OWED}
+                      WHERE k.id OPERATOR(pg_catalog.=) o.id AND {DUE}"
+                );
+                client
+                    .select(
+                        &still_due,
+                        None,
+                        &[rest_ids.into(), rest_times.into(), interval.into()],
+                    )
+                    .expect("find the held rows")
+                    .map(|row| {
+                        row.get::<pgrx::Uuid>(1)
+                            .expect("id")
+                            .expect("id is not null")
+                    })
+                    .collect()
+            };
+            batch
+                .iter()
+                .map(|(id, _)| *id)
+                .filter(|id| !held.contains(id))
                 .collect()
         })
     })
@@ -365,15 +710,15 @@ fn write_last_used(table: &Table, batch: &[(pgrx::Uuid, Micros)]) -> Vec<pgrx::U
 fn announce_ended(table: &Table, from: Micros, until: Micros) {
     let from = TimestampWithTimeZone::try_from(from).ok();
     let until = TimestampWithTimeZone::try_from(until).expect("now");
-    let sql = format!(
-        "SELECT pg_catalog.count(pg_catalog.pg_notify('makima_keys_revoked', k.id::text))
-           FROM {t} k
-          WHERE (k.expires_at IS NOT NULL OR k.revoked_at IS NOT NULL)
-            AND LEAST(k.expires_at, k.revoked_at) > COALESCE($1, '-infinity')
-            AND LEAST(k.expires_at, k.revoked_at) <= $2",
-        t = table.name
-    );
-    as_owner(table, || {
+    as_owner(table, |t| {
+        let sql = format!(
+            "{STATEMENT_MARK}SELECT pg_catalog.count(pg_catalog.pg_notify('makima_keys_revoked', k.id::pg_catalog.text))
+               FROM {t} k
+              WHERE (k.expires_at IS NOT NULL OR k.revoked_at IS NOT NULL)
+                AND LEAST(k.expires_at, k.revoked_at) OPERATOR(pg_catalog.>)
+                    COALESCE($1, '-infinity'::pg_catalog.timestamptz)
+                AND LEAST(k.expires_at, k.revoked_at) OPERATOR(pg_catalog.<=) $2"
+        );
         Spi::connect_mut(|client| {
             client
                 .update(&sql, None, &[from.into(), until.into()])

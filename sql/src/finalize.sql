@@ -25,7 +25,8 @@ BEGIN
       JOIN pg_catalog.pg_extension e ON e.extname = 'makima_keys' AND p.pronamespace = e.extnamespace
      WHERE p.proname IN ('mk_issue_key', 'mk_rotate_key', 'mk_verify', 'mk_verify_detail', 'mk_revoke',
                          'mk_revoke_user_keys', 'mk_revoke_key', 'mk_hash_key', 'mk_key_is_well_formed',
-                         'mk_restore_user_foreign_key', 'mk_key_stats_rows', 'mk_key_stats_reset')
+                         'mk_restore_user_foreign_key', 'mk_key_stats_rows', 'mk_key_stats_reset',
+                         'mk_shared_status')
        AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
                         WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid = p.oid
                           AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass
@@ -78,5 +79,6 @@ REVOKE ALL ON FUNCTION mk_revoke_key(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION mk_verify(text, text[], integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION mk_verify_detail(text, text[], integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION mk_key_stats_rows() FROM PUBLIC;
+REVOKE ALL ON FUNCTION mk_shared_status() FROM PUBLIC;
 REVOKE ALL ON FUNCTION mk_key_stats_reset() FROM PUBLIC;
 REVOKE ALL ON mk_key_stats FROM PUBLIC;

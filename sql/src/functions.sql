@@ -113,3 +113,26 @@ CREATE FUNCTION "mk_key_stats_reset"() RETURNS void
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'mk_key_stats_reset_wrapper';
+
+-- The health of the shared tier (makima_keys in shared_preload_libraries;
+-- otherwise it raises 55000): one row per database served, then the fill.
+CREATE FUNCTION "mk_shared_status"() RETURNS TABLE (
+	"datid" oid,
+	"datname" TEXT,
+	"last_outcome" TEXT,
+	"last_sqlstate" TEXT,
+	"last_attempt_at" timestamp with time zone,
+	"last_success_at" timestamp with time zone,
+	"consecutive_failures" INT,
+	"next_attempt_at" timestamp with time zone,
+	"keys_written_last_round" bigint,
+	"keys_owed" bigint,
+	"keys_tracked" bigint,
+	"budgets_tracked" bigint,
+	"capacity" bigint,
+	"untracked_calls" bigint,
+	"refused_budgets" bigint
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'mk_shared_status_wrapper';

@@ -8,6 +8,7 @@ use pgrx::prelude::*;
 
 use crate::error::KeyError;
 use crate::shared::{self, StatsRow};
+use pgrx::pg_sys;
 
 fn count(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
@@ -72,4 +73,88 @@ fn mk_key_stats_reset() {
     if !shared::reset_stats() {
         KeyError::StatisticsUnavailable.raise("mk_key_stats_reset");
     }
+}
+
+/// The health of the shared tier: one row per database it serves (every
+/// database of the server, not only this one: a failing database is most
+/// often another), then one row (datid NULL) with the hashes' fill.
+/// Declared in `sql/src/functions.sql`; not callable by PUBLIC.
+// pgrx reads the row type from the signature: it cannot be a type alias.
+#[allow(clippy::type_complexity)]
+#[pg_extern(sql = false)]
+fn mk_shared_status() -> TableIterator<
+    'static,
+    (
+        name!(datid, Option<pg_sys::Oid>),
+        name!(datname, Option<String>),
+        name!(last_outcome, Option<String>),
+        name!(last_sqlstate, Option<String>),
+        name!(last_attempt_at, Option<TimestampWithTimeZone>),
+        name!(last_success_at, Option<TimestampWithTimeZone>),
+        name!(consecutive_failures, Option<i32>),
+        name!(next_attempt_at, Option<TimestampWithTimeZone>),
+        name!(keys_written_last_round, Option<i64>),
+        name!(keys_owed, i64),
+        name!(keys_tracked, i64),
+        name!(budgets_tracked, i64),
+        name!(capacity, Option<i64>),
+        name!(untracked_calls, Option<i64>),
+        name!(refused_budgets, Option<i64>),
+    ),
+> {
+    let rows = shared::status_rows()
+        .unwrap_or_else(|| KeyError::StatisticsUnavailable.raise("mk_shared_status"));
+    let known = |m: i64| (m != shared::NEVER).then_some(m);
+    TableIterator::new(
+        rows.into_iter()
+            .map(move |row: shared::StatusRow| match row.database {
+                Some(db) => (
+                    Some(db.oid),
+                    Some(database_name(db.oid)),
+                    Some(db.outcome.as_str().to_string()),
+                    db.sqlstate,
+                    timestamp(known(db.last_attempt_at)),
+                    timestamp(known(db.last_success_at)),
+                    Some(i32::try_from(db.failures).unwrap_or(i32::MAX)),
+                    timestamp(known(db.next_attempt_at)),
+                    Some(count(db.written)),
+                    count(row.owed),
+                    count(row.keys),
+                    count(row.budgets),
+                    None,
+                    None,
+                    None,
+                ),
+                None => (
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    count(row.owed),
+                    count(row.keys),
+                    count(row.budgets),
+                    Some(count(row.capacity)),
+                    Some(count(row.untracked)),
+                    Some(count(row.refused)),
+                ),
+            }),
+    )
+}
+
+fn database_name(db: pg_sys::Oid) -> String {
+    // SAFETY: a syscache lookup in this transaction; NULL for a database
+    // dropped since it was served.
+    let name = unsafe { pg_sys::get_database_name(db) };
+    if name.is_null() {
+        return format!("(dropped: {})", db.to_u32());
+    }
+    // SAFETY: a palloc'd C string.
+    unsafe { std::ffi::CStr::from_ptr(name) }
+        .to_string_lossy()
+        .into_owned()
 }

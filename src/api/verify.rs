@@ -394,7 +394,7 @@ pub(super) fn detail_of(verdict: Verdict) -> Detail {
             metadata: found.metadata,
             retry_after: usage
                 .retry_after
-                .map(|micros| Interval::from_micros(micros.max(0))),
+                .map(|micros| Interval::new(0, 0, micros.max(0)).expect("a positive interval")),
             credits: usage.credits,
         },
     }

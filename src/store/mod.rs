@@ -39,7 +39,8 @@ use pgrx::PgSqlErrorCode;
 use crate::clock::{self, timestamp_or_infinity};
 use crate::error::{KeyError, KeyResult};
 use crate::policy::{Micros, LIVE_SQL};
-use own_table::STATEMENT_MARK;
+/// For the flush worker, whose statements the same guard holds to the table.
+pub(crate) use own_table::{expect as expecting_own_table, STATEMENT_MARK};
 use owner::{called_function, with_owner_rights};
 use row::{found_from_row, inherited_from, issued_row};
 pub(crate) use row::{ActiveKey, FoundKey, IssuedRow, NewKey, Reading};

@@ -89,7 +89,9 @@ unsafe extern "C-unwind" fn check_statement(
 
 /// Whether every relation `query` reads or writes is `table`. Our statements
 /// have no sublinks (their relations would not be in the range table), so a
-/// query with any is refused too.
+/// query with any is refused too. A function in FROM (the flush worker's
+/// `unnest` of its batch) is allowed when it is a function of pg_catalog,
+/// which no role but a superuser can change.
 unsafe fn references_only(query: *mut pg_sys::Query, table: pg_sys::Oid) -> bool {
     // SAFETY: an analysed Query and its range table, as PostgreSQL built them.
     unsafe {
@@ -104,6 +106,7 @@ unsafe fn references_only(query: *mut pg_sys::Query, table: pg_sys::Oid) -> bool
                 }
                 pg_sys::RTEKind::RTE_SUBQUERY => references_only((*rte).subquery, table),
                 pg_sys::RTEKind::RTE_JOIN | pg_sys::RTEKind::RTE_RESULT => true,
+                pg_sys::RTEKind::RTE_FUNCTION => catalog_functions_only((*rte).functions),
                 _ => false,
             };
             if !ok {
@@ -111,5 +114,22 @@ unsafe fn references_only(query: *mut pg_sys::Query, table: pg_sys::Oid) -> bool
             }
         }
         (*query).cteList.is_null()
+    }
+}
+
+/// Whether every function of a FROM item is a plain function of pg_catalog.
+unsafe fn catalog_functions_only(functions: *mut pg_sys::List) -> bool {
+    // SAFETY: the analysed range table function list, as PostgreSQL built it.
+    unsafe {
+        let functions = PgList::<pg_sys::RangeTblFunction>::from_pg(functions);
+        let all = functions.iter_ptr().all(|rtfunc| {
+            let expr = (*rtfunc).funcexpr;
+            if expr.is_null() || (*expr).type_ != pg_sys::NodeTag::T_FuncExpr {
+                return false;
+            }
+            let funcid = (*expr.cast::<pg_sys::FuncExpr>()).funcid;
+            pg_sys::get_func_namespace(funcid) == pg_sys::Oid::from(pg_sys::PG_CATALOG_NAMESPACE)
+        });
+        all
     }
 }

@@ -15,7 +15,7 @@ from test_v020 import (CHANNEL, EVERY_ROW_BEFORE_0_3_0, INIT_PRIVS, assert_same_
                        notifications, payloads, wait_until_past)
 
 USAGE = "makima_keys_usage"
-CURRENT_VERSION = "0.4.0"
+CURRENT_VERSION = "0.5.0"
 DETAIL_COLUMNS = ["status", "key_id", "user_id", "key_prefix", "name", "expires_at", "revoked_at",
                   "scopes", "metadata", "retry_after", "credits"]
 

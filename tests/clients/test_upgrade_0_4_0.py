@@ -6,7 +6,7 @@ test_shared_memory.py."""
 from conftest import USERS_DDL, add_user, connect, sqlstate_of
 from test_v020 import EVERY_ROW_BEFORE_0_4_0, INIT_PRIVS, assert_same_catalog, catalog, extversion
 
-CURRENT_VERSION = "0.4.0"
+CURRENT_VERSION = "0.5.0"
 ISSUE_0_3_0 = "mk_issue_key(uuid, text, interval, text[], jsonb, integer, integer, interval)"
 ROTATE_0_3_0 = "mk_rotate_key(uuid, text, interval, text[], jsonb, interval, integer, integer, interval)"
 ISSUE = "mk_issue_key(uuid, text, interval, text[], jsonb, integer, integer, interval, integer, interval)"

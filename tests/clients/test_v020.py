@@ -888,7 +888,7 @@ CURRENT_GRANTS = ('GRANT EXECUTE ON FUNCTION mk_verify(text, text[], integer), m
                   ' mk_rotate_key(uuid, text, interval, text[], jsonb, interval, integer, integer, interval, integer, interval)'
                   ' TO "{role}"')
 # The version this build installs; updates go to it through every script.
-CURRENT_VERSION = "0.4.0"
+CURRENT_VERSION = "0.5.0"
 UPDATE = "ALTER EXTENSION makima_keys UPDATE"
 SEED_ROWS = f"SELECT {', '.join(SEED_COLUMNS)} FROM api_keys ORDER BY id"
 

@@ -11,14 +11,15 @@ import psycopg
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PORT = str(int(os.environ.get("PGPORT", "26329")) + 6)
-VERSION = "0.4.0"
+VERSION = "0.5.0"
 # The library, and the scripts that install and update every shipped version.
 LIBRARY = "makima_keys.so"
 # (0.2.1 has no install script of its own: CREATE EXTENSION ... VERSION '0.2.1'
 # runs 0.2.0's and the update to 0.2.1.)
 EXTENSION_FILES = ["makima_keys.control", f"makima_keys--{VERSION}.sql", "makima_keys--0.2.0.sql",
                    "makima_keys--0.1.0.sql", "makima_keys--0.1.0--0.2.0.sql", "makima_keys--0.2.0--0.2.1.sql",
-                   "makima_keys--0.2.1--0.3.0.sql", "makima_keys--0.3.0.sql", "makima_keys--0.3.0--0.4.0.sql"]
+                   "makima_keys--0.2.1--0.3.0.sql", "makima_keys--0.3.0.sql", "makima_keys--0.3.0--0.4.0.sql",
+                   "makima_keys--0.4.0.sql", "makima_keys--0.4.0--0.5.0.sql"]
 
 
 def run(*args, env=None):

@@ -1,0 +1,217 @@
+//! Making room in the hashes, and forgetting a database.
+//!
+//! What may be dropped: a budget that is full again (forgetting it hands
+//! out nothing), and a key's statistics when the key is owed nothing
+//! (only counts are lost). A key owed a `last_used_at` and a budget that
+//! still holds something back are never dropped. Among keys, those of
+//! databases over their share go first, then the least recently called:
+//! [`choose`], pure.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+
+use pgrx::pg_sys;
+
+use super::budgets::BucketEntry;
+use super::slots::{self, slot_at, MAX_DATABASES};
+use super::stats::StatsEntry;
+use super::table::{EntryKey, Keep};
+use super::{control, shared, Shared};
+use crate::policy::Micros;
+
+/// A key whose statistics may be dropped.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Candidate {
+    pub(crate) key: EntryKey,
+    pub(crate) last_call_at: Micros,
+    /// Its database holds more than its guaranteed share.
+    pub(crate) over_share: bool,
+}
+
+/// The `excess` candidates to drop: those of databases over their share
+/// first, then the least recently called. Pure.
+pub(crate) fn choose(mut candidates: Vec<Candidate>, excess: usize) -> HashSet<EntryKey> {
+    candidates.sort_unstable_by_key(|c| (!c.over_share, c.last_call_at));
+    candidates.into_iter().take(excess).map(|c| c.key).collect()
+}
+
+/// Entries removed per database, to take off their slots' counts.
+#[derive(Default)]
+struct Removed(Vec<(u32, u64)>);
+
+impl Removed {
+    fn add(&mut self, db: u32) {
+        match self.0.iter_mut().find(|(d, _)| *d == db) {
+            Some((_, n)) => *n += 1,
+            None => self.0.push((db, 1)),
+        }
+    }
+
+    fn apply(self, s: Shared, hash: slots::Hash) {
+        for i in 0..MAX_DATABASES {
+            let slot = slot_at(s, i);
+            let db = slot.db.load(Ordering::Acquire);
+            if let Some((_, n)) = self.0.iter().find(|(d, _)| *d == db && db != 0) {
+                let counter = match hash {
+                    slots::Hash::Stats => &slot.keys,
+                    slots::Hash::Budgets => &slot.budgets,
+                };
+                let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                    Some(held.saturating_sub(*n))
+                });
+            }
+        }
+    }
+}
+
+/// Makes room when a hash is over `high` (a fraction of its size): drops
+/// the full budgets, and keys owed nothing down to `low` (see the module's
+/// header). Returns (keys, budgets) dropped.
+pub(crate) fn make_room(now: Micros, high: f64, low: f64) -> (u64, u64) {
+    let Some(s) = shared() else { return (0, 0) };
+    let control = control(s);
+    let capacity = s.capacity as f64;
+    let mut dropped_budgets = 0;
+    if control.tracked_buckets.load(Ordering::Relaxed) as f64 > high * capacity {
+        let mut removed = Removed::default();
+        dropped_budgets = s.buckets.visit_mut(s, |e: &mut BucketEntry| {
+            if e.bucket().is_full(now) {
+                removed.add(e.key.db);
+                Keep::No
+            } else {
+                Keep::Yes
+            }
+        });
+        control
+            .tracked_buckets
+            .fetch_sub(dropped_budgets, Ordering::Relaxed);
+        removed.apply(s, slots::Hash::Budgets);
+    }
+    let mut dropped_keys = 0;
+    let tracked = control.tracked_keys.load(Ordering::Relaxed);
+    if tracked as f64 > high * capacity {
+        let over_share = databases_over_share(s);
+        let mut candidates = Vec::new();
+        s.stats.visit(s, |e: &StatsEntry| {
+            if !e.is_owed() {
+                candidates.push(Candidate {
+                    key: e.key,
+                    last_call_at: e.last_call_at,
+                    over_share: over_share.contains(&e.key.db),
+                });
+            }
+        });
+        let excess = tracked.saturating_sub((low * capacity) as u64) as usize;
+        let chosen = choose(candidates, excess);
+        if !chosen.is_empty() {
+            let mut removed = Removed::default();
+            dropped_keys = s.stats.visit_mut(s, |e: &mut StatsEntry| {
+                // Owed since it was chosen: kept.
+                if !e.is_owed() && chosen.contains(&e.key) {
+                    removed.add(e.key.db);
+                    Keep::No
+                } else {
+                    Keep::Yes
+                }
+            });
+            control
+                .tracked_keys
+                .fetch_sub(dropped_keys, Ordering::Relaxed);
+            removed.apply(s, slots::Hash::Stats);
+        }
+    }
+    (dropped_keys, dropped_budgets)
+}
+
+fn databases_over_share(s: Shared) -> HashSet<u32> {
+    let registered: Vec<(u32, u64)> = (0..MAX_DATABASES)
+        .map(|i| slot_at(s, i))
+        .map(|slot| {
+            (
+                slot.db.load(Ordering::Acquire),
+                slot.keys.load(Ordering::Relaxed),
+            )
+        })
+        .filter(|(db, _)| *db != 0)
+        .collect();
+    let guaranteed = s.capacity / (registered.len() as u64).max(1);
+    registered
+        .into_iter()
+        .filter(|(_, held)| *held > guaranteed)
+        .map(|(db, _)| db)
+        .collect()
+}
+
+/// Forgets a database: its slot, its keys' statistics and what they are
+/// owed, and its users' budgets (the database is gone, left invalid by an
+/// interrupted DROP DATABASE, or makima_keys is no longer installed there).
+pub(crate) fn forget_database(index: usize, db: pg_sys::Oid) {
+    let Some(s) = shared() else { return };
+    let db = db.to_u32();
+    let control = control(s);
+    let removed = s.stats.visit_mut(
+        s,
+        |e: &mut StatsEntry| {
+            if e.key.db == db {
+                Keep::No
+            } else {
+                Keep::Yes
+            }
+        },
+    );
+    control.tracked_keys.fetch_sub(removed, Ordering::Relaxed);
+    let removed = s.buckets.visit_mut(
+        s,
+        |e: &mut BucketEntry| {
+            if e.key.db == db {
+                Keep::No
+            } else {
+                Keep::Yes
+            }
+        },
+    );
+    control
+        .tracked_buckets
+        .fetch_sub(removed, Ordering::Relaxed);
+    slots::release(s, index, db);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(n: u8, last_call_at: Micros, over_share: bool) -> Candidate {
+        Candidate {
+            key: EntryKey { db: 1, id: [n; 16] },
+            last_call_at,
+            over_share,
+        }
+    }
+
+    #[test]
+    fn the_least_recently_called_go_first() {
+        let chosen = choose(
+            vec![
+                candidate(1, 30, false),
+                candidate(2, 10, false),
+                candidate(3, 20, false),
+            ],
+            2,
+        );
+        assert_eq!(chosen.len(), 2);
+        assert!(chosen.contains(&candidate(2, 0, false).key));
+        assert!(chosen.contains(&candidate(3, 0, false).key));
+    }
+
+    #[test]
+    fn keys_of_a_database_over_its_share_go_before_older_ones() {
+        let chosen = choose(vec![candidate(1, 10, false), candidate(2, 99, true)], 1);
+        assert!(chosen.contains(&candidate(2, 0, true).key));
+    }
+
+    #[test]
+    fn never_more_than_asked_nor_more_than_there_are() {
+        assert!(choose(vec![candidate(1, 1, false)], 0).is_empty());
+        assert_eq!(choose(vec![candidate(1, 1, false)], 5).len(), 1);
+    }
+}
