@@ -399,17 +399,19 @@ mod tests {
         // B still gets its 50.
         assert!(within_share(Some(0), &[50], 50, 100));
         assert!(within_share(Some(49), &[50], 99, 100));
-        // Room nobody is guaranteed any more is anyone's: B uses only 10.
-        assert!(within_share(Some(50), &[10], 60, 100));
-        assert!(within_share(Some(89), &[10], 99, 100));
-        assert!(!within_share(Some(90), &[10], 100, 100));
+        // B idle with 10: the 40 it is still guaranteed stay free for it.
+        assert!(!within_share(Some(50), &[10], 60, 100));
+        // Room nobody is guaranteed is anyone's: 101 split in two leaves 1.
+        assert!(within_share(Some(50), &[50], 100, 101));
+        assert!(!within_share(Some(51), &[50], 101, 101));
     }
 
     #[test]
     fn a_database_without_a_slot_uses_only_unguaranteed_room() {
         assert!(!within_share(None, &[0, 0], 0, 100));
-        assert!(within_share(None, &[50, 40], 90, 100));
-        assert!(!within_share(None, &[50, 50], 100, 100));
+        assert!(!within_share(None, &[50, 40], 90, 100));
+        assert!(within_share(None, &[50, 50], 100, 101));
+        assert!(within_share(None, &[], 0, 100));
     }
 
     #[test]
