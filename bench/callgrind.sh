@@ -3,7 +3,7 @@
 # installs what is needed, builds and installs the release build, prepares a
 # database of KEYS keys (default 100,000) in a throwaway cluster, stops it, and
 # runs each case in a single-user backend. About 5 minutes.
-#   bash bench/callgrind.sh [--pg 15|16|18] [--keys N]
+#   bash bench/callgrind.sh [--pg 15|16|17|18] [--keys N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${MK_CALLGRIND_PORT:-26450}
@@ -14,7 +14,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --pg) MK_PG_MAJOR=$2; shift 2 ;;
         --keys) KEYS=$2; shift 2 ;;
-        *) echo "usage: bench/callgrind.sh [--pg 15|16|18] [--keys N]" >&2; exit 2 ;;
+        *) echo "usage: bench/callgrind.sh [--pg 15|16|17|18] [--keys N]" >&2; exit 2 ;;
     esac
 done
 

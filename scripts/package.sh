@@ -3,7 +3,7 @@
 # (default 15) from `cargo pgrx package` output, and prints its path:
 #   15: target/debian/postgresql-15-makima-keys_VERSION-1_ARCH.deb (Debian's dpkg-deb),
 #       for Debian's postgresql-15:  apt-get install ./postgresql-15-makima-keys_*.deb
-#   16, 18: target/dist/makima_keys-VERSION-pgNN-ARCH.tar.gz, for any PostgreSQL
+#   16, 17, 18: target/dist/makima_keys-VERSION-pgNN-ARCH.tar.gz, for any PostgreSQL
 #       NN built for x86-64 Linux: unpack, then `sh install.sh /path/to/pg_config`
 #       copies lib/ into `pg_config --pkglibdir` and extension/ into
 #       `pg_config --sharedir`/extension.
