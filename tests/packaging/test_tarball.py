@@ -1,4 +1,4 @@
-"""The package trees of PostgreSQL 16 and 18: `scripts/package.sh` builds a
+"""The package trees of PostgreSQL 16, 17 and 18: `scripts/package.sh` builds a
 tarball, its install.sh puts it into a tree without makima_keys, and CREATE
 EXTENSION, an issue and a verification work from it (also the update from
 0.1.0). Run by scripts/test.sh after the client tests; it leaves the packaged
@@ -16,7 +16,7 @@ def pg_config_for(major):
     return run("bash", "-c", f". {REPO}/scripts/pg-versions.sh && pg_config_for {major}").strip()
 
 
-@pytest.mark.parametrize("major", [16, 18])
+@pytest.mark.parametrize("major", [16, 17, 18])
 def test_tarball_installs_into_a_clean_tree(major):
     pg_config = pg_config_for(major)
     tarball = REPO / run("bash", str(REPO / "scripts/package.sh"), env={"MK_PG_MAJOR": str(major)}).strip().splitlines()[-1]
