@@ -43,6 +43,11 @@ const FLUSH_BATCH: usize = 10_000;
 /// How long a flush worker may take to enter its database before the
 /// launcher stops it and goes on with the next database.
 const ENTER_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a flush worker may take for its whole round before the
+/// launcher stops it (a million keys owed take well under a minute).
+const ROUND_DEADLINE: Duration = Duration::from_secs(300);
+/// How long the launcher waits for a worker it stopped to exit.
+const STOP_DEADLINE: Duration = Duration::from_secs(10);
 /// The lock_timeout the flush worker runs with, its connection included.
 const LOCK_TIMEOUT: &std::ffi::CStr = c"1s";
 
@@ -215,6 +220,14 @@ extern "C" {
     fn libc_kill(pid: i32, signal: i32) -> i32;
 }
 
+extern "C-unwind" {
+    /// PostgreSQL's SIGTERM handler of backends (`tcop/postgres.c`), by its
+    /// C symbol: pgrx's `pg_sys::die` is a guarded Rust wrapper, not a
+    /// signal handler.
+    #[link_name = "die"]
+    fn postgres_die(signal: std::ffi::c_int);
+}
+
 /// Starts the flush worker of one database and waits for it; records the
 /// outcome. `false` when no background worker slot was free.
 fn flush(index: usize, db: pg_sys::Oid, slot: &DatabaseSlot) -> bool {
@@ -234,12 +247,17 @@ fn flush(index: usize, db: pg_sys::Oid, slot: &DatabaseSlot) -> bool {
         conclude(db, slot, Outcome::NoWorkerSlot);
         return false;
     };
-    let entered_in_time = match wait_for(worker, slot) {
+    let stopped_by_us = match wait_for(worker, slot) {
         // The launcher stops; the worker goes on and holds its slot.
         Waited::Stopping => return true,
-        Waited::Exited => true,
-        Waited::NotEntered => false,
+        Waited::Exited => false,
+        Waited::Stopped => true,
     };
+    // The slot was given to another database meanwhile (this one was
+    // forgotten): nothing to record.
+    if slot.db.load(Ordering::Acquire) != db.to_u32() {
+        return true;
+    }
     let outcome = match shared::phase(slot) {
         Phase::Done => Outcome::Ok,
         // A worker of a launcher before a restart still holds the slot.
@@ -254,10 +272,10 @@ fn flush(index: usize, db: pg_sys::Oid, slot: &DatabaseSlot) -> bool {
             return true;
         }
         Phase::Starting => Outcome::NotEntered,
-        Phase::Connected => Outcome::AnnounceFailed,
+        Phase::Connected | Phase::AnnounceFailed => Outcome::AnnounceFailed,
         Phase::Announced => Outcome::WriteFailed,
     };
-    if !entered_in_time {
+    if stopped_by_us {
         // What the worker raised was our own termination, not a reason.
         slot.sqlstate.store(0, Ordering::Relaxed);
     }
@@ -268,28 +286,49 @@ fn flush(index: usize, db: pg_sys::Oid, slot: &DatabaseSlot) -> bool {
 /// How a wait for a flush worker ended.
 enum Waited {
     Exited,
-    /// It had not entered its database within `ENTER_DEADLINE`: stopped.
-    NotEntered,
+    /// Past a deadline (to enter its database, or for the whole round):
+    /// stopped by the launcher.
+    Stopped,
     /// The launcher was asked to stop (the worker may still run).
     Stopping,
 }
 
-/// Waits for the worker to exit; stops it if it has not entered its
-/// database within `ENTER_DEADLINE`.
+/// Waits for the worker to exit. Stops it (SIGTERM, which is PostgreSQL's
+/// `die` in the worker) when it has not entered its database within
+/// `ENTER_DEADLINE`, or has not finished its round within `ROUND_DEADLINE`
+/// (statement_timeout bounds each of our statements, but a trigger of the
+/// owner's may change it); after a stop, waits at most `STOP_DEADLINE`.
 fn wait_for(worker: DynamicBackgroundWorker, slot: &DatabaseSlot) -> Waited {
-    let deadline = std::time::Instant::now() + ENTER_DEADLINE;
+    let started = std::time::Instant::now();
+    let mut stopped_at = None;
     loop {
-        match worker.pid() {
-            Err(BackgroundWorkerStatus::Stopped) => return Waited::Exited,
+        let pid = match worker.pid() {
+            Ok(pid) => Some(pid),
+            Err(BackgroundWorkerStatus::Stopped) => {
+                return if stopped_at.is_some() {
+                    Waited::Stopped
+                } else {
+                    Waited::Exited
+                }
+            }
             Err(BackgroundWorkerStatus::PostmasterDied) => return Waited::Stopping,
-            _ => {}
-        }
+            Err(_) => None,
+        };
         if stop_requested() {
             return Waited::Stopping;
         }
-        if shared::phase(slot) == Phase::Starting && std::time::Instant::now() > deadline {
-            let _ = worker.terminate().wait_for_shutdown();
-            return Waited::NotEntered;
+        let elapsed = started.elapsed();
+        let late = (shared::phase(slot) == Phase::Starting && elapsed > ENTER_DEADLINE)
+            || elapsed > ROUND_DEADLINE;
+        match (stopped_at, pid) {
+            (None, Some(pid)) if late => {
+                // SAFETY: SIGTERM to our own flush worker.
+                unsafe { libc_kill(pid, 15) };
+                stopped_at = Some(std::time::Instant::now());
+            }
+            // It holds its slot until it exits: no second worker starts there.
+            (Some(at), _) if at.elapsed() > STOP_DEADLINE => return Waited::Stopped,
+            _ => {}
         }
         if !wait(Duration::from_millis(100)) {
             return Waited::Stopping;
@@ -419,23 +458,43 @@ pub extern "C-unwind" fn mk_flush_main(arg: pg_sys::Datum) {
     let argument = arg.value() as u64;
     let index = (argument >> 32) as usize;
     let db = pg_sys::Oid::from(argument as u32);
-    // PostgreSQL's own SIGTERM handler of background workers (FATAL at
-    // once) until the connection is made: a wait to enter the database
-    // must end when the launcher stops this worker, and pgrx's handler only
-    // sets a flag.
-    // SAFETY: lets the signals PostgreSQL blocked at start through.
-    unsafe { pg_sys::BackgroundWorkerUnblockSignals() };
+    // SIGTERM is PostgreSQL's `die`, as in a backend: it only sets flags,
+    // and the next CHECK_FOR_INTERRUPTS ends the process with FATAL (a wait
+    // for a lock to enter the database included). So the launcher, a fast
+    // shutdown or DROP DATABASE ... WITH (FORCE) stop this worker whatever
+    // statement it is in; pgrx's handler would only set a flag read between
+    // batches.
+    // SAFETY: installs PostgreSQL's handler, then lets the signals
+    // PostgreSQL blocked at start through.
+    unsafe {
+        set_sigterm_to_die();
+        pg_sys::BackgroundWorkerUnblockSignals();
+    }
     let Some(slot) = shared::slot(index) else {
         return;
     };
+    // A worker started by a launcher that has since exited may find its slot
+    // forgotten and given to another database: it leaves it alone.
+    if slot.db.load(Ordering::Acquire) != db.to_u32() {
+        return;
+    }
     // SAFETY: a plain read of this process's pid.
     let me = unsafe { pg_sys::MyProcPid };
     // One worker per slot: one that a launcher before a restart started may
-    // still be running.
-    let previous = slot.worker_pid.swap(me, Ordering::AcqRel);
-    // SAFETY: signal 0 only checks that the process exists.
-    if previous != 0 && previous != me && unsafe { libc_kill(previous, 0) } == 0 {
-        slot.worker_pid.store(previous, Ordering::Release);
+    // still be running. Claimed only from 0, or from a holder that is gone.
+    let claimed = match slot
+        .worker_pid
+        .compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire)
+    {
+        Ok(_) => true,
+        // SAFETY: signal 0 only checks that the process exists.
+        Err(holder) if unsafe { libc_kill(holder, 0) } != 0 => slot
+            .worker_pid
+            .compare_exchange(holder, me, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok(),
+        Err(_) => false,
+    };
+    if !claimed {
         shared::set_phase(slot, Phase::Busy);
         return;
     }
@@ -450,7 +509,6 @@ pub extern "C-unwind" fn mk_flush_main(arg: pg_sys::Datum) {
     // lock, and this lock_timeout bounds that wait too.
     override_database_settings();
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), None);
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
     override_database_settings();
     shared::set_phase(slot, Phase::Connected);
 
@@ -460,20 +518,31 @@ pub extern "C-unwind" fn mk_flush_main(arg: pg_sys::Datum) {
     };
     // Ended keys first: a write that fails (an owner's trigger that raises)
     // must not hold their announcement back.
+    // And an announcement that fails (a statement timeout on a large
+    // table, a full NOTIFY queue) must not hold the write back: it is
+    // caught, logged and recorded, and the same window is tried again next
+    // round.
     let from = slot.announced_until.load(Ordering::Relaxed);
     let until = clock::wall_clock();
-    BackgroundWorker::transaction(|| announce_ended(&table, from, until));
-    slot.announced_until.fetch_max(until, Ordering::Relaxed);
+    let announced = in_caught_transaction(|| announce_ended(&table, from, until));
+    match announced {
+        Ok(()) => {
+            slot.announced_until.fetch_max(until, Ordering::Relaxed);
+        }
+        Err(sqlstate) => {
+            slot.sqlstate.store(sqlstate, Ordering::Relaxed);
+            ANNOUNCE_FAILED.store(true, Ordering::Relaxed);
+        }
+    }
     shared::set_phase(slot, Phase::Announced);
 
     let owed = shared::owed(db);
     let started = std::time::Instant::now();
     let mut paid = 0;
     for batch in owed.chunks(FLUSH_BATCH) {
-        if stop_requested() {
-            return;
-        }
-        let done = BackgroundWorker::transaction(|| write_last_used(&table, batch));
+        pgrx::check_for_interrupts!();
+        let done: std::collections::HashSet<pgrx::Uuid> =
+            BackgroundWorker::transaction(|| write_last_used(&table, batch));
         let done: Vec<(pgrx::Uuid, Micros)> = batch
             .iter()
             .filter(|(id, _)| done.contains(id))
@@ -491,7 +560,62 @@ pub extern "C-unwind" fn mk_flush_main(arg: pg_sys::Datum) {
         );
     }
     slot.written.store(paid as u64, Ordering::Relaxed);
+    if ANNOUNCE_FAILED.load(Ordering::Relaxed) {
+        // The writes went through; the round failed all the same.
+        shared::set_phase(slot, Phase::AnnounceFailed);
+        return;
+    }
     shared::set_phase(slot, Phase::Done);
+}
+
+static ANNOUNCE_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// PostgreSQL's `die` as the SIGTERM handler (`pqsignal` is
+/// `pqsignal_be` in a backend from PostgreSQL 18 on).
+///
+/// # Safety
+/// Called once at the worker's start, before signals are unblocked.
+unsafe fn set_sigterm_to_die() {
+    // SAFETY: the caller's contract; `die` is PostgreSQL's own handler.
+    unsafe {
+        #[cfg(not(feature = "pg18"))]
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(postgres_die));
+        #[cfg(feature = "pg18")]
+        pg_sys::pqsignal_be(pg_sys::SIGTERM as i32, Some(postgres_die));
+    }
+}
+
+/// Runs `f` in a transaction of its own; an ERROR in it is caught, logged
+/// at LOG (it names no key: our statements carry key ids at most), and the
+/// transaction is aborted. `Err` holds the error's packed SQLSTATE.
+fn in_caught_transaction(
+    f: impl FnOnce() + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
+) -> Result<(), i32> {
+    let caught = PgTryBuilder::new(|| {
+        BackgroundWorker::transaction(f);
+        Ok(())
+    })
+    .catch_others(|error| {
+        let (code, message) = match &error {
+            pg_sys::panic::CaughtError::PostgresError(report)
+            | pg_sys::panic::CaughtError::ErrorReport(report) => {
+                (report.sql_error_code() as i32, report.message().to_string())
+            }
+            pg_sys::panic::CaughtError::RustPanic { ereport, .. } => (
+                ereport.sql_error_code() as i32,
+                ereport.message().to_string(),
+            ),
+        };
+        pgrx::log!("makima_keys: announcing ended keys failed: {message}");
+        Err(code)
+    })
+    .execute();
+    if caught.is_err() {
+        // SAFETY: the error was caught and its state flushed by pgrx: end
+        // the failed transaction, as a worker's error path does.
+        unsafe { pg_sys::AbortCurrentTransaction() };
+    }
+    caught
 }
 
 /// The settings this worker runs with, whatever `ALTER DATABASE ... SET`
@@ -524,18 +648,17 @@ fn override_database_settings() {
     }
 }
 
-/// Our `api_keys` in this database: its OID and its owner. Its name is
-/// looked up again from the OID in every transaction (`qualified_name`).
+/// Our `api_keys` in this database, by OID. Its name and its owner are
+/// looked up again from the OID in every transaction (`as_it_is_now`).
 struct Table {
     oid: pg_sys::Oid,
-    owner: pg_sys::Oid,
 }
 
 fn find_table() -> Option<Table> {
     Spi::connect(|client| {
         let found = client
             .select(
-                "SELECT c.oid, c.relowner
+                "SELECT c.oid
                    FROM pg_catalog.pg_extension e
                    JOIN pg_catalog.pg_class c ON c.relnamespace OPERATOR(pg_catalog.=) e.extnamespace
                   WHERE e.extname OPERATOR(pg_catalog.=) 'makima_keys'
@@ -548,29 +671,38 @@ fn find_table() -> Option<Table> {
         let row = found.into_iter().next()?;
         Some(Table {
             oid: row.get::<pg_sys::Oid>(1).expect("oid")?,
-            owner: row.get::<pg_sys::Oid>(2).expect("owner")?,
         })
     })
 }
 
-/// Locks the table by OID (so it cannot be dropped or altered under the
-/// transaction) and gives its name as it is now, schema-qualified and
-/// quoted. A schema renamed since the last transaction is followed: the
-/// name is never remembered across transactions.
-fn qualified_name(table: &Table) -> String {
+/// Locks the table by OID (so it cannot be dropped, altered or given to
+/// another owner under the transaction) and gives its name, schema-qualified
+/// and quoted, and its owner, as they are now: a schema renamed or an owner
+/// changed since the last transaction is followed, never remembered.
+fn as_it_is_now(table: &Table) -> (String, pg_sys::Oid) {
     // SAFETY: locks a relation by OID in this transaction (lock_timeout
     // bounds the wait); released at its end.
     unsafe { pg_sys::LockRelationOid(table.oid, pg_sys::RowExclusiveLock as i32) };
-    Spi::get_one_with_args::<String>(
-        "SELECT pg_catalog.concat(pg_catalog.quote_ident(n.nspname), '.',
-                                  pg_catalog.quote_ident(c.relname))
-           FROM pg_catalog.pg_class c
-           JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-          WHERE c.oid OPERATOR(pg_catalog.=) $1",
-        &[table.oid.into()],
-    )
-    .expect("look up api_keys by OID")
-    .expect("api_keys is locked, so it exists")
+    Spi::connect(|client| {
+        let row = client
+            .select(
+                "SELECT pg_catalog.concat(pg_catalog.quote_ident(n.nspname), '.',
+                                          pg_catalog.quote_ident(c.relname)), c.relowner
+                   FROM pg_catalog.pg_class c
+                   JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+                  WHERE c.oid OPERATOR(pg_catalog.=) $1",
+                Some(1),
+                &[table.oid.into()],
+            )
+            .expect("look up api_keys by OID")
+            .first();
+        let name = row.get::<String>(1).expect("name");
+        let owner = row.get::<pg_sys::Oid>(2).expect("owner");
+        (
+            name.expect("api_keys is locked, so it exists"),
+            owner.expect("a table has an owner"),
+        )
+    })
 }
 
 /// Runs `f` with the rights of the table's owner, as a security-restricted
@@ -581,7 +713,7 @@ fn qualified_name(table: &Table) -> String {
 /// to another table raises before it runs. (Timeouts: see
 /// `override_database_settings`.)
 fn as_owner<R>(table: &Table, f: impl FnOnce(&str) -> R) -> R {
-    let name = qualified_name(table);
+    let (name, owner) = as_it_is_now(table);
     let mut saved_user = pg_sys::InvalidOid;
     let mut saved_context = 0;
     // SAFETY: saves and sets the current user, as PostgreSQL's own callers
@@ -589,7 +721,7 @@ fn as_owner<R>(table: &Table, f: impl FnOnce(&str) -> R) -> R {
     unsafe {
         pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
         pg_sys::SetUserIdAndSecContext(
-            table.owner,
+            owner,
             saved_context
                 | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
                 | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
@@ -609,7 +741,10 @@ fn as_owner<R>(table: &Table, f: impl FnOnce(&str) -> R) -> R {
 /// Writes `last_used_at` for `batch`; returns the keys that need nothing
 /// more (written, not due, or gone). A key whose row another transaction
 /// holds is skipped, never waited for, and stays owed.
-fn write_last_used(table: &Table, batch: &[(pgrx::Uuid, Micros)]) -> Vec<pgrx::Uuid> {
+fn write_last_used(
+    table: &Table,
+    batch: &[(pgrx::Uuid, Micros)],
+) -> std::collections::HashSet<pgrx::Uuid> {
     let ids: Vec<pgrx::Uuid> = batch.iter().map(|(id, _)| *id).collect();
     let times: Vec<TimestampWithTimeZone> = batch
         .iter()

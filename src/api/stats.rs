@@ -102,8 +102,26 @@ fn mk_shared_status() -> TableIterator<
         name!(refused_budgets, Option<i64>),
     ),
 > {
-    let rows = shared::status_rows()
+    let mut rows = shared::status_rows()
         .unwrap_or_else(|| KeyError::StatisticsUnavailable.raise("mk_shared_status"));
+    // Other databases' rows (names, counts, failures) only for a role that
+    // may see the server's activity: a superuser or a member of
+    // pg_monitor. Everyone granted the function sees this database's row
+    // and the whole tier's.
+    // SAFETY: plain reads of this backend's user and database, and
+    // PostgreSQL's role membership check.
+    let (sees_all, this_db) = unsafe {
+        (
+            pg_sys::has_privs_of_role(
+                pg_sys::GetUserId(),
+                pg_sys::Oid::from(pg_sys::ROLE_PG_MONITOR),
+            ),
+            pg_sys::MyDatabaseId,
+        )
+    };
+    if !sees_all {
+        rows.retain(|row| row.database.as_ref().is_none_or(|db| db.oid == this_db));
+    }
     let known = |m: i64| (m != shared::NEVER).then_some(m);
     TableIterator::new(
         rows.into_iter()

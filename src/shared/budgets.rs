@@ -92,6 +92,12 @@ pub(crate) fn take(user: pgrx::Uuid, limit: RateLimit, cost: i32, now: Micros) -
     let Some(s) = shared() else {
         return Take::Unavailable;
     };
+    // A cost no budget can ever pass (or a limit no issuing function
+    // stores) takes no room: entering a bucket for it would only fill the
+    // hash, and the database's share, with budgets that hold nothing back.
+    if !limit.is_valid() || cost > limit.per_period {
+        return Take::Never;
+    }
     let control = control(s);
     let key = key_of(user);
     let taken = s.buckets.with_entry(
@@ -102,7 +108,12 @@ pub(crate) fn take(user: pgrx::Uuid, limit: RateLimit, cost: i32, now: Micros) -
             let total = control.tracked_buckets.load(Ordering::Relaxed);
             slots::may_enter(s, Hash::Budgets, key.db, total)
         },
-        |e: &mut BucketEntry| *e = BucketEntry::new(key, Bucket::full(limit)),
+        |e: &mut BucketEntry| {
+            *e = BucketEntry::new(key, Bucket::full(limit));
+            // Counted under the partition lock, so that no scan that
+            // removes it can come between the entry and its count.
+            slots::count_entered(s, Hash::Budgets, key.db);
+        },
         |e: &mut BucketEntry| {
             let mut bucket = e.bucket();
             let charge = bucket.charge(limit, cost, now);
@@ -111,12 +122,7 @@ pub(crate) fn take(user: pgrx::Uuid, limit: RateLimit, cost: i32, now: Micros) -
         },
     );
     match taken {
-        Some((take, entered)) => {
-            if entered {
-                slots::count_entered(s, Hash::Budgets, key.db);
-            }
-            take
-        }
+        Some((take, _)) => take,
         None => {
             control.buckets_full.fetch_add(1, Ordering::Relaxed);
             Take::Unavailable

@@ -64,15 +64,21 @@ impl Removed {
     }
 }
 
-/// Makes room when a hash is over `high` (a fraction of its size): drops
-/// the full budgets, and keys owed nothing down to `low` (see the module's
-/// header). Returns (keys, budgets) dropped.
+/// Makes room when a hash is over `high` (a fraction of its size), and for
+/// every database at its share (which is refused entries long before the
+/// hash is that full): drops full budgets, and statistics of keys owed
+/// nothing, least recently called first, down to `low` of the hash or of
+/// the database's share (see the module's header). Returns (keys, budgets)
+/// dropped.
 pub(crate) fn make_room(now: Micros, high: f64, low: f64) -> (u64, u64) {
     let Some(s) = shared() else { return (0, 0) };
     let control = control(s);
     let capacity = s.capacity as f64;
     let mut dropped_budgets = 0;
-    if control.tracked_buckets.load(Ordering::Relaxed) as f64 > high * capacity {
+    let budgets_at_share = at_share(s, slots::Hash::Budgets);
+    if control.tracked_buckets.load(Ordering::Relaxed) as f64 > high * capacity
+        || !budgets_at_share.is_empty()
+    {
         let mut removed = Removed::default();
         dropped_budgets = s.buckets.visit_mut(s, |e: &mut BucketEntry| {
             if e.bucket().is_full(now) {
@@ -87,58 +93,98 @@ pub(crate) fn make_room(now: Micros, high: f64, low: f64) -> (u64, u64) {
             .fetch_sub(dropped_budgets, Ordering::Relaxed);
         removed.apply(s, slots::Hash::Budgets);
     }
-    let mut dropped_keys = 0;
     let tracked = control.tracked_keys.load(Ordering::Relaxed);
-    if tracked as f64 > high * capacity {
-        let over_share = databases_over_share(s);
-        let mut candidates = Vec::new();
-        s.stats.visit(s, |e: &StatsEntry| {
-            if !e.is_owed() {
-                candidates.push(Candidate {
+    let keys_at_share = at_share(s, slots::Hash::Stats);
+    let over_hash = tracked as f64 > high * capacity;
+    if !over_hash && keys_at_share.is_empty() {
+        return (0, dropped_budgets);
+    }
+    let guaranteed = guaranteed_share(s);
+    let mut candidates: Vec<(u32, Candidate)> = Vec::new();
+    s.stats.visit(s, |e: &StatsEntry| {
+        if !e.is_owed() {
+            let over_share = keys_at_share.iter().any(|(db, _)| *db == e.key.db);
+            candidates.push((
+                e.key.db,
+                Candidate {
                     key: e.key,
                     last_call_at: e.last_call_at,
-                    over_share: over_share.contains(&e.key.db),
-                });
+                    over_share,
+                },
+            ));
+        }
+    });
+    let mut chosen = HashSet::new();
+    // Each database at its share, down to `low` of its share.
+    for (db, held) in &keys_at_share {
+        let excess = held.saturating_sub((low * guaranteed as f64) as u64) as usize;
+        let own = candidates
+            .iter()
+            .filter(|(d, _)| d == db)
+            .map(|(_, c)| *c)
+            .collect();
+        chosen.extend(choose(own, excess));
+    }
+    // The whole hash, down to `low` of it.
+    if over_hash {
+        let excess = tracked
+            .saturating_sub((low * capacity) as u64)
+            .saturating_sub(chosen.len() as u64) as usize;
+        let rest = candidates
+            .into_iter()
+            .map(|(_, c)| c)
+            .filter(|c| !chosen.contains(&c.key))
+            .collect();
+        chosen.extend(choose(rest, excess));
+    }
+    let mut dropped_keys = 0;
+    if !chosen.is_empty() {
+        let mut removed = Removed::default();
+        dropped_keys = s.stats.visit_mut(s, |e: &mut StatsEntry| {
+            // Owed since it was chosen: kept.
+            if !e.is_owed() && chosen.contains(&e.key) {
+                removed.add(e.key.db);
+                Keep::No
+            } else {
+                Keep::Yes
             }
         });
-        let excess = tracked.saturating_sub((low * capacity) as u64) as usize;
-        let chosen = choose(candidates, excess);
-        if !chosen.is_empty() {
-            let mut removed = Removed::default();
-            dropped_keys = s.stats.visit_mut(s, |e: &mut StatsEntry| {
-                // Owed since it was chosen: kept.
-                if !e.is_owed() && chosen.contains(&e.key) {
-                    removed.add(e.key.db);
-                    Keep::No
-                } else {
-                    Keep::Yes
-                }
-            });
-            control
-                .tracked_keys
-                .fetch_sub(dropped_keys, Ordering::Relaxed);
-            removed.apply(s, slots::Hash::Stats);
-        }
+        control
+            .tracked_keys
+            .fetch_sub(dropped_keys, Ordering::Relaxed);
+        removed.apply(s, slots::Hash::Stats);
     }
     (dropped_keys, dropped_budgets)
 }
 
-fn databases_over_share(s: Shared) -> HashSet<u32> {
-    let registered: Vec<(u32, u64)> = (0..MAX_DATABASES)
+/// `max_tracked_keys / n` for `n` databases registered.
+fn guaranteed_share(s: Shared) -> u64 {
+    let registered = (0..MAX_DATABASES)
+        .filter(|&i| slot_at(s, i).db.load(Ordering::Acquire) != 0)
+        .count() as u64;
+    s.capacity / registered.max(1)
+}
+
+/// The databases that hold at least their share of `hash` while more than
+/// one is registered (one alone may fill the hash): (db, entries held).
+fn at_share(s: Shared, hash: slots::Hash) -> Vec<(u32, u64)> {
+    let guaranteed = guaranteed_share(s);
+    if guaranteed >= s.capacity {
+        return Vec::new();
+    }
+    (0..MAX_DATABASES)
         .map(|i| slot_at(s, i))
         .map(|slot| {
+            let held = match hash {
+                slots::Hash::Stats => &slot.keys,
+                slots::Hash::Budgets => &slot.budgets,
+            };
             (
                 slot.db.load(Ordering::Acquire),
-                slot.keys.load(Ordering::Relaxed),
+                held.load(Ordering::Relaxed),
             )
         })
-        .filter(|(db, _)| *db != 0)
-        .collect();
-    let guaranteed = s.capacity / (registered.len() as u64).max(1);
-    registered
-        .into_iter()
-        .filter(|(_, held)| *held > guaranteed)
-        .map(|(db, _)| db)
+        .filter(|(db, held)| *db != 0 && *held >= guaranteed)
         .collect()
 }
 

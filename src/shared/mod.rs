@@ -380,8 +380,15 @@ fn restore(saved: state_file::Saved) {
             }
         }
     }
+    // Budgets that still hold calls back first: dropping a full one gives
+    // nothing away, dropping the others would hand out calls.
+    let now = crate::clock::wall_clock();
+    let (holding, full): (Vec<_>, Vec<_>) = saved
+        .buckets
+        .into_iter()
+        .partition(|e| !e.bucket().is_full(now));
     let mut dropped_budgets = 0u64;
-    for saved_entry in saved.buckets {
+    for saved_entry in holding.into_iter().chain(full) {
         let entered = s.buckets.with_entry(
             s,
             &c.tracked_buckets,

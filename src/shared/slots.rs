@@ -74,6 +74,8 @@ pub(crate) enum Phase {
     NoExtension = 4,
     /// Another worker holds the slot: this one did nothing.
     Busy = 5,
+    /// Announcing ended keys failed (caught); the writes were made.
+    AnnounceFailed = 6,
 }
 
 impl Phase {
@@ -84,6 +86,7 @@ impl Phase {
             3 => Phase::Done,
             4 => Phase::NoExtension,
             5 => Phase::Busy,
+            6 => Phase::AnnounceFailed,
             _ => Phase::Starting,
         }
     }
@@ -353,6 +356,10 @@ pub(crate) fn record_outcome(
         return slot.failures.swap(0, Ordering::Relaxed);
     }
     let before = slot.failures.fetch_add(1, Ordering::Relaxed);
+    if outcome == Outcome::NoWorkerSlot {
+        // The server's shortage, not the database's: no backoff.
+        return before;
+    }
     let wait = backoff_rounds(before + 1).saturating_mul(interval);
     // Rounds come one interval apart: half an interval before the round
     // `wait` from now, so that the rounds before it are skipped and that

@@ -293,8 +293,15 @@ pub(crate) fn load() -> Option<Saved> {
     };
     match decode(&bytes, &Writer::this_build()) {
         Ok(saved) => {
+            // Loaded only if it is gone: a crash before the next clean
+            // shutdown must start afresh, not load this again.
             if let Err(error) = fs::remove_file(STATE_FILE) {
-                pgrx::warning!("makima_keys: could not remove \"{STATE_FILE}\": {error}");
+                pgrx::warning!(
+                    "makima_keys: could not remove \"{STATE_FILE}\": {error}; moving it aside, and \
+                     loading it only if that works"
+                );
+                set_aside();
+                return fs::metadata(STATE_FILE).is_err().then_some(saved);
             }
             Some(saved)
         }

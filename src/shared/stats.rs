@@ -90,7 +90,11 @@ pub(crate) fn record(id: pgrx::Uuid, status: KeyStatus, now: Micros, owe_last_us
             let total = control.tracked_keys.load(Ordering::Relaxed);
             slots::may_enter(s, Hash::Stats, key.db, total)
         },
-        |e: &mut StatsEntry| *e = StatsEntry::new(key, now),
+        |e: &mut StatsEntry| {
+            *e = StatsEntry::new(key, now);
+            // Counted under the partition lock (see `budgets::take`).
+            slots::count_entered(s, Hash::Stats, key.db);
+        },
         |e: &mut StatsEntry| {
             e.counts[counted_index(status)] += 1;
             e.last_call_at = now;
@@ -103,12 +107,7 @@ pub(crate) fn record(id: pgrx::Uuid, status: KeyStatus, now: Micros, owe_last_us
         },
     );
     match recorded {
-        Some(((), entered)) => {
-            if entered {
-                slots::count_entered(s, Hash::Stats, key.db);
-            }
-            true
-        }
+        Some(_) => true,
         None => {
             control.untracked.fetch_add(1, Ordering::Relaxed);
             false

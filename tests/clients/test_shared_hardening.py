@@ -180,13 +180,16 @@ def test_a_schema_renamed_while_the_worker_waits_for_the_table_never_hands_it_a_
             migration.execute("LOCK TABLE keys.api_keys IN ACCESS EXCLUSIVE MODE")
             # Owed from here on; the next round waits for the lock.
             assert str(migration.execute("SELECT keys.mk_verify(%s)", (key,)).fetchone()[0]) == user
-            wait_for(lambda: watcher.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'makima_keys flush'"
-                " AND wait_event_type = 'Lock'").fetchone()[0], FLUSH_DEADLINE, "the worker waiting",
-                interval=0.01)
-            # Within the worker's lock_timeout (1 s).
+            waiting = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'makima_keys flush'" \
+                      " AND wait_event_type = 'Lock'"
+            (worker,) = wait_for(lambda: watcher.execute(waiting).fetchone(), FLUSH_DEADLINE,
+                                 "the worker waiting", interval=0.01)
+            # Within the worker's lock_timeout (1 s): the same worker must
+            # still be waiting when the renames commit, or the test proves
+            # nothing (a later round would find the new names anyway).
             migration.execute("ALTER SCHEMA keys RENAME TO keys_old")
             migration.execute("ALTER SCHEMA evil RENAME TO keys")
+            assert watcher.execute(waiting + " AND pid = %s", (worker,)).fetchone() == (worker,)
             migration.commit()
         with shared.connect(db) as su:
             wait_for(lambda: last_used(su, key_id, "keys_old.api_keys"), FLUSH_DEADLINE,
@@ -353,6 +356,30 @@ def test_one_database_cannot_take_the_room_another_is_guaranteed():
                 "SELECT * FROM mk_shared_status() WHERE datid IS NOT NULL").fetchall()}
             assert shares[a]["budgets_tracked"] <= 50 and shares[b]["budgets_tracked"] == 30
             assert shares[a]["keys_tracked"] <= 60
+
+
+def test_a_database_at_its_share_gets_room_back_as_its_budgets_refill():
+    """Review finding: a database at its share of the bucket hash is
+    refused new budgets long before the hash is 90% full, the point at
+    which rounds used to make room; so the rounds now also drop the full
+    budgets of a database at its share. Here A's 60 users of 1 call per
+    second get 50 budgets, the other 10 fail closed, and once those
+    budgets are full again a round makes room and every user passes."""
+    with preloaded.running(29, "makima_keys.max_tracked_keys=100", "makima_keys.flush_interval=1") as cluster:
+        a, b = cluster.new_database(), cluster.new_database()
+        with cluster.connect(a) as app_a, cluster.connect(b) as app_b:
+            for app in (app_a, app_b):
+                user, _, key = issue(app)
+                assert verify(app, key) == user
+            issue_many(app_a, "limited", 60, ", rate_limit => 1, rate_period => '1 second'")
+            answers = app_a.execute("SELECT l.key, d.status FROM limited l, mk_verify_detail(l.key) d").fetchall()
+            late = [key for key, status in answers if status == "rate_limit_unavailable"]
+            assert len(late) == 10 and len(answers) == 60
+            assert health(app_a)["budgets_tracked"] == 50  # far below 90% of the hash
+            # Once the 50 budgets are full again, a round drops them, and
+            # every late user gets one (before the fix: never, at 51%).
+            for key in late:
+                wait_for(lambda: detail(app_a, key)["status"] == "valid", FLUSH_DEADLINE, "room for a late user")
 
 
 # ---------------------------------------------------------------- 6. retry_after
