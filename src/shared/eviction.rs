@@ -52,13 +52,11 @@ impl Removed {
             let slot = slot_at(s, i);
             let db = slot.db.load(Ordering::Acquire);
             if let Some((_, n)) = self.0.iter().find(|(d, _)| *d == db && db != 0) {
-                let counter = match hash {
-                    slots::Hash::Stats => &slot.keys,
-                    slots::Hash::Budgets => &slot.budgets,
-                };
-                let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
-                    Some(held.saturating_sub(*n))
-                });
+                let _ = slots::held_by(slot, hash).fetch_update(
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                    |held| Some(held.saturating_sub(*n)),
+                );
             }
         }
     }
@@ -79,19 +77,12 @@ pub(crate) fn make_room(now: Micros, high: f64, low: f64) -> (u64, u64) {
     if control.tracked_buckets.load(Ordering::Relaxed) as f64 > high * capacity
         || !budgets_at_share.is_empty()
     {
-        let mut removed = Removed::default();
-        dropped_budgets = s.buckets.visit_mut(s, |e: &mut BucketEntry| {
-            if e.bucket().is_full(now) {
-                removed.add(e.key.db);
-                Keep::No
-            } else {
-                Keep::Yes
-            }
-        });
-        control
-            .tracked_buckets
-            .fetch_sub(dropped_budgets, Ordering::Relaxed);
-        removed.apply(s, slots::Hash::Budgets);
+        dropped_budgets = remove_where(
+            s,
+            slots::Hash::Budgets,
+            |e: &BucketEntry| e.key.db,
+            |e| e.bucket().is_full(now),
+        );
     }
     let tracked = control.tracked_keys.load(Ordering::Relaxed);
     let keys_at_share = at_share(s, slots::Hash::Stats);
@@ -139,22 +130,41 @@ pub(crate) fn make_room(now: Micros, high: f64, low: f64) -> (u64, u64) {
     }
     let mut dropped_keys = 0;
     if !chosen.is_empty() {
-        let mut removed = Removed::default();
-        dropped_keys = s.stats.visit_mut(s, |e: &mut StatsEntry| {
+        dropped_keys = remove_where(
+            s,
+            slots::Hash::Stats,
+            |e: &StatsEntry| e.key.db,
             // Owed since it was chosen: kept.
-            if !e.is_owed() && chosen.contains(&e.key) {
-                removed.add(e.key.db);
-                Keep::No
-            } else {
-                Keep::Yes
-            }
-        });
-        control
-            .tracked_keys
-            .fetch_sub(dropped_keys, Ordering::Relaxed);
-        removed.apply(s, slots::Hash::Stats);
+            |e| !e.is_owed() && chosen.contains(&e.key),
+        );
     }
     (dropped_keys, dropped_budgets)
+}
+
+/// Removes from `hash` the entries `drop` answers true for, and takes them
+/// off the hash's count and their databases' counts. Returns how many.
+fn remove_where<E>(
+    s: Shared,
+    hash: slots::Hash,
+    db_of: impl Fn(&E) -> u32,
+    drop: impl Fn(&E) -> bool,
+) -> u64 {
+    let (table, count) = match hash {
+        slots::Hash::Stats => (s.stats, &control(s).tracked_keys),
+        slots::Hash::Budgets => (s.buckets, &control(s).tracked_buckets),
+    };
+    let mut removed = Removed::default();
+    let dropped = table.visit_mut(s, |e: &mut E| {
+        if drop(e) {
+            removed.add(db_of(e));
+            Keep::No
+        } else {
+            Keep::Yes
+        }
+    });
+    count.fetch_sub(dropped, Ordering::Relaxed);
+    removed.apply(s, hash);
+    dropped
 }
 
 /// `max_tracked_keys / n` for `n` databases registered.
@@ -175,13 +185,9 @@ fn at_share(s: Shared, hash: slots::Hash) -> Vec<(u32, u64)> {
     (0..MAX_DATABASES)
         .map(|i| slot_at(s, i))
         .map(|slot| {
-            let held = match hash {
-                slots::Hash::Stats => &slot.keys,
-                slots::Hash::Budgets => &slot.budgets,
-            };
             (
                 slot.db.load(Ordering::Acquire),
-                held.load(Ordering::Relaxed),
+                slots::held_by(slot, hash).load(Ordering::Relaxed),
             )
         })
         .filter(|(db, held)| *db != 0 && *held >= guaranteed)

@@ -261,7 +261,7 @@ pub(crate) enum Hash {
     Budgets,
 }
 
-fn held_by(slot: &DatabaseSlot, hash: Hash) -> &AtomicU64 {
+pub(crate) fn held_by(slot: &DatabaseSlot, hash: Hash) -> &AtomicU64 {
     match hash {
         Hash::Stats => &slot.keys,
         Hash::Budgets => &slot.budgets,
