@@ -529,10 +529,7 @@ pub extern "C-unwind" fn mk_flush_main(arg: pg_sys::Datum) {
         Ok(()) => {
             slot.announced_until.fetch_max(until, Ordering::Relaxed);
         }
-        Err(sqlstate) => {
-            slot.sqlstate.store(sqlstate, Ordering::Relaxed);
-            ANNOUNCE_FAILED.store(true, Ordering::Relaxed);
-        }
+        Err(sqlstate) => slot.sqlstate.store(sqlstate, Ordering::Relaxed),
     }
     shared::set_phase(slot, Phase::Announced);
 
@@ -560,15 +557,13 @@ pub extern "C-unwind" fn mk_flush_main(arg: pg_sys::Datum) {
         );
     }
     slot.written.store(paid as u64, Ordering::Relaxed);
-    if ANNOUNCE_FAILED.load(Ordering::Relaxed) {
+    if announced.is_err() {
         // The writes went through; the round failed all the same.
         shared::set_phase(slot, Phase::AnnounceFailed);
         return;
     }
     shared::set_phase(slot, Phase::Done);
 }
-
-static ANNOUNCE_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// PostgreSQL's `die` as the SIGTERM handler (`pqsignal` is
 /// `pqsignal_be` in a backend from PostgreSQL 18 on).

@@ -112,7 +112,7 @@ pub(crate) fn take(user: pgrx::Uuid, limit: RateLimit, cost: i32, now: Micros) -
             *e = BucketEntry::new(key, Bucket::full(limit));
             // Counted under the partition lock, so that no scan that
             // removes it can come between the entry and its count.
-            slots::count_entered(s, Hash::Budgets, key.db);
+            slots::count_entered(Hash::Budgets, key.db);
         },
         |e: &mut BucketEntry| {
             let mut bucket = e.bucket();

@@ -170,10 +170,9 @@ pub(crate) fn my_slot() -> Option<&'static DatabaseSlot> {
 /// `mk_key_stats` must not take one of the slots).
 pub(crate) fn found_slot(db: u32) -> Option<&'static DatabaseSlot> {
     let s = shared()?;
-    let dbs = registered(s);
-    pick_slot(&dbs, db)
-        .filter(|&i| dbs[i] == db)
+    (0..MAX_DATABASES)
         .map(|i| slot_at(s, i))
+        .find(|slot| slot.db.load(Ordering::Acquire) == db)
 }
 
 /// The database of every slot (0: free).
@@ -312,11 +311,8 @@ pub(crate) fn within_share(own: Option<u64>, others: &[u64], total: u64, capacit
 
 /// Counts an entry `db` entered in `hash` (removals are counted by
 /// `eviction`, per scan).
-pub(crate) fn count_entered(s: Shared, hash: Hash, db: u32) {
-    let found = (0..MAX_DATABASES)
-        .map(|i| slot_at(s, i))
-        .find(|slot| slot.db.load(Ordering::Acquire) == db);
-    if let Some(slot) = found {
+pub(crate) fn count_entered(hash: Hash, db: u32) {
+    if let Some(slot) = found_slot(db) {
         held_by(slot, hash).fetch_add(1, Ordering::Relaxed);
     }
 }

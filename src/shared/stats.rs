@@ -93,7 +93,7 @@ pub(crate) fn record(id: pgrx::Uuid, status: KeyStatus, now: Micros, owe_last_us
         |e: &mut StatsEntry| {
             *e = StatsEntry::new(key, now);
             // Counted under the partition lock (see `budgets::take`).
-            slots::count_entered(s, Hash::Stats, key.db);
+            slots::count_entered(Hash::Stats, key.db);
         },
         |e: &mut StatsEntry| {
             e.counts[counted_index(status)] += 1;
